@@ -1,0 +1,378 @@
+// Fused prefix attention on the CPU (see prefix_attention_cpu.h).
+//
+// Work decomposition
+//   forward : one task per (row b, kv head, block of queries); the block holds
+//             the queries of all q heads in the kv head's group, stacked as
+//             rows r = g * nq + t, so K/V chunks are loaded once per group.
+//   backward: one task per (row b, kv head); it owns dq for the group's heads
+//             and dk/dv of its row, so nothing is shared between tasks. The
+//             prefix gradient of each task goes to a per-row partial and is
+//             then summed per prompt in row order (deterministic).
+// Block products go through blas.h; the softmax rows through row_math.h.
+#include "prefix_attention_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "blas.h"
+#include "row_math.h"
+
+namespace softprompt::cpu {
+namespace {
+
+constexpr int64_t kKeyBlock = 128;   // keys per chunk
+constexpr int64_t kTargetRows = 64;  // stacked (head, query) rows per block
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc_t>
+constexpr acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+int64_t queries_per_block(const PrefixAttentionParams& p) {
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t bq = std::max<int64_t>(1, kTargetRows / group);
+  return std::min<int64_t>(bq, std::max<int64_t>(p.len_q, 1));
+}
+
+// Keys one row attends to: its prompt's prefix slots, or its own sequence keys.
+template <typename scalar_t>
+struct KeySpan {
+  const scalar_t* k;  // [count, D], row stride k_ld
+  const scalar_t* v;  // [count, D], row stride v_ld
+  int64_t k_ld, v_ld, count;
+  bool is_prefix;
+};
+
+template <typename scalar_t>
+int make_spans(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64_t key_end,
+               KeySpan<scalar_t> spans[2]) {
+  int n = 0;
+  const int64_t pid = p.prompt_of_row(b);
+  if (pid >= 0 && p.prefix_len(pid) > 0) {
+    spans[n++] = {static_cast<const scalar_t*>(p.prefix_k) + pid * p.pk_strides.b + hkv * p.pk_strides.h,
+                  static_cast<const scalar_t*>(p.prefix_v) + pid * p.pv_strides.b + hkv * p.pv_strides.h,
+                  p.pk_strides.l, p.pv_strides.l, p.prefix_len(pid), true};
+  }
+  if (key_end > 0) {
+    spans[n++] = {static_cast<const scalar_t*>(p.k) + b * p.k_strides.b + hkv * p.k_strides.h,
+                  static_cast<const scalar_t*>(p.v) + b * p.v_strides.b + hkv * p.v_strides.h,
+                  p.k_strides.l, p.v_strides.l, key_end, false};
+  }
+  return n;
+}
+
+// Rows [0, rows) of a [*, D] matrix as acc_t: the source itself when the types
+// match (no copy), else converted into `buf`.
+template <typename scalar_t, typename acc_t>
+const acc_t* rows_as_acc(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* buf,
+                         int64_t* out_ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    *out_ld = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d) buf[r * D + d] = static_cast<acc_t>(src[r * ld + d]);
+    *out_ld = D;
+    return buf;
+  }
+}
+
+// Stacked query-block rows: dst[g * nq + t] = factor * src[b, hkv * G + g, i0 + t].
+template <typename scalar_t, typename acc_t>
+void load_block_rows(const scalar_t* base, const Strides4& st, const PrefixAttentionParams& p,
+                     int64_t b, int64_t hkv, int64_t i0, int64_t nq, acc_t factor, acc_t* dst) {
+  const int64_t group = p.heads_q / p.heads_kv, D = p.head_dim;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t t = 0; t < nq; ++t) {
+      const scalar_t* src = base + b * st.b + (hkv * group + g) * st.h + (i0 + t) * st.l;
+      acc_t* row = dst + (g * nq + t) * D;
+      for (int64_t d = 0; d < D; ++d) row[d] = factor * static_cast<acc_t>(src[d]);
+    }
+}
+
+// Masks sequence-key scores s [M, n] (keys j0..j0+n) by padding and causality.
+template <typename acc_t>
+void mask_sequence_scores(const PrefixAttentionParams& p, int64_t b, int64_t i0, int64_t nq,
+                          int64_t j0, int64_t n, acc_t* s) {
+  const int64_t group = p.heads_q / p.heads_kv, rows = group * nq;
+  if (p.key_padding_mask) {
+    for (int64_t c = 0; c < n; ++c) {
+      if (p.key_is_real(b, j0 + c)) continue;
+      for (int64_t r = 0; r < rows; ++r) s[r * n + c] = neg_inf<acc_t>();
+    }
+  }
+  if (p.causal && j0 + n > p.causal_key_end(i0)) {
+    for (int64_t t = 0; t < nq; ++t) {
+      const int64_t first_hidden = std::max(p.causal_key_end(i0 + t), j0) - j0;
+      if (first_hidden >= n) continue;
+      for (int64_t g = 0; g < group; ++g)
+        std::fill(s + (g * nq + t) * n + first_hidden, s + (g * nq + t) * n + n, neg_inf<acc_t>());
+    }
+  }
+}
+
+template <typename acc_t>
+struct Workspace {
+  std::vector<acc_t> q, o, s, dp, dout, dq, kbuf, vbuf, m, l, lse, delta, dk, dv;
+  Workspace(int64_t rows, int64_t D, bool backward, int64_t len_k) {
+    q.resize(rows * D);
+    s.resize(rows * kKeyBlock);
+    kbuf.resize(kKeyBlock * D);
+    vbuf.resize(kKeyBlock * D);
+    if (!backward) {
+      o.resize(rows * D);
+      m.resize(rows);
+      l.resize(rows);
+    } else {
+      dp.resize(rows * kKeyBlock);
+      dout.resize(rows * D);
+      dq.resize(rows * D);
+      lse.resize(rows);
+      delta.resize(rows);
+      dk.resize(len_k * D);
+      dv.resize(len_k * D);
+    }
+  }
+};
+
+// ---------------------------------------------------------------- forward
+
+template <typename scalar_t>
+void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64_t i0, int64_t nq,
+                   Workspace<acc_type_t<scalar_t>>& ws) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t group = p.heads_q / p.heads_kv, D = p.head_dim, rows = group * nq;
+  load_block_rows(static_cast<const scalar_t*>(p.q), p.q_strides, p, b, hkv, i0, nq,
+                  static_cast<acc_t>(p.scale), ws.q.data());
+  std::fill(ws.o.begin(), ws.o.begin() + rows * D, acc_t(0));
+  std::fill(ws.m.begin(), ws.m.begin() + rows, neg_inf<acc_t>());
+  std::fill(ws.l.begin(), ws.l.begin() + rows, acc_t(0));
+
+  KeySpan<scalar_t> spans[2];
+  const int n_spans = make_spans(p, b, hkv, p.causal_key_end(i0 + nq - 1), spans);
+  for (int si = 0; si < n_spans; ++si) {
+    const KeySpan<scalar_t>& span = spans[si];
+    for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
+      const int64_t n = std::min(kKeyBlock, span.count - j0);
+      int64_t k_ld, v_ld;
+      const acc_t* kc = rows_as_acc(span.k + j0 * span.k_ld, span.k_ld, n, D, ws.kbuf.data(), &k_ld);
+      const acc_t* vc = rows_as_acc(span.v + j0 * span.v_ld, span.v_ld, n, D, ws.vbuf.data(), &v_ld);
+      acc_t* s = ws.s.data();
+      gemm<acc_t>(false, true, rows, n, D, 1, ws.q.data(), D, kc, k_ld, 0, s, n);
+      if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, n, s);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* s_row = s + r * n;
+        const acc_t m_new = std::max(ws.m[r], row_max(s_row, n));
+        if (m_new == neg_inf<acc_t>()) {  // nothing visible to this row yet
+          std::fill(s_row, s_row + n, acc_t(0));
+          continue;
+        }
+        const acc_t alpha = ws.m[r] == neg_inf<acc_t>() ? acc_t(0) : std::exp(ws.m[r] - m_new);
+        const acc_t sum = exp_shift_sum(s_row, n, m_new);
+        ws.l[r] = ws.l[r] * alpha + sum;
+        ws.m[r] = m_new;
+        if (alpha != acc_t(1)) scale_row(ws.o.data() + r * D, D, alpha);
+      }
+      gemm<acc_t>(false, false, rows, D, n, 1, s, n, vc, v_ld, 1, ws.o.data(), D);
+    }
+  }
+
+  auto* out = static_cast<scalar_t*>(p.out);
+  auto* lse = static_cast<acc_t*>(p.lse);
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hkv * group + g;
+    for (int64_t t = 0; t < nq; ++t) {
+      const int64_t r = g * nq + t, i = i0 + t;
+      scalar_t* dst = out + b * p.out_strides.b + h * p.out_strides.h + i * p.out_strides.l;
+      const acc_t* src = ws.o.data() + r * D;
+      const bool seen = ws.l[r] > acc_t(0);
+      const acc_t inv = seen ? acc_t(1) / ws.l[r] : acc_t(0);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * inv);
+      lse[(b * p.heads_q + h) * p.len_q + i] = seen ? ws.m[r] + std::log(ws.l[r]) : neg_inf<acc_t>();
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename scalar_t>
+void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hkv,
+                       acc_type_t<scalar_t>* prefix_dk, acc_type_t<scalar_t>* prefix_dv,
+                       Workspace<acc_type_t<scalar_t>>& ws) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t group = p.heads_q / p.heads_kv, D = p.head_dim, Lk = p.len_k;
+  const int64_t bq = queries_per_block(p);
+  std::fill(ws.dk.begin(), ws.dk.end(), acc_t(0));
+  std::fill(ws.dv.begin(), ws.dv.end(), acc_t(0));
+
+  for (int64_t i0 = 0; i0 < p.len_q; i0 += bq) {
+    const int64_t nq = std::min(bq, p.len_q - i0), rows = group * nq;
+    load_block_rows(static_cast<const scalar_t*>(p.q), p.q_strides, p, b, hkv, i0, nq,
+                    static_cast<acc_t>(p.scale), ws.q.data());
+    load_block_rows(static_cast<const scalar_t*>(p.grad_out), p.grad_out_strides, p, b, hkv, i0, nq,
+                    acc_t(1), ws.dout.data());
+    // delta = rowsum(dO * O) - dlse; ws.dq holds O until it is zeroed below.
+    load_block_rows(static_cast<const scalar_t*>(p.out), p.out_strides, p, b, hkv, i0, nq, acc_t(1),
+                    ws.dq.data());
+    const auto* lse = static_cast<const acc_t*>(p.lse);
+    const auto* grad_lse = static_cast<const acc_t*>(p.grad_lse);
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t t = 0; t < nq; ++t) {
+        const int64_t r = g * nq + t, idx = (b * p.heads_q + hkv * group + g) * p.len_q + i0 + t;
+        ws.lse[r] = lse[idx];
+        ws.delta[r] = dot(ws.dout.data() + r * D, ws.dq.data() + r * D, D) -
+                      (grad_lse ? grad_lse[idx] : acc_t(0));
+      }
+    std::fill(ws.dq.begin(), ws.dq.begin() + rows * D, acc_t(0));
+
+    KeySpan<scalar_t> spans[2];
+    const int n_spans = make_spans(p, b, hkv, p.causal_key_end(i0 + nq - 1), spans);
+    for (int si = 0; si < n_spans; ++si) {
+      const KeySpan<scalar_t>& span = spans[si];
+      acc_t* dk_span = span.is_prefix ? prefix_dk : ws.dk.data();
+      acc_t* dv_span = span.is_prefix ? prefix_dv : ws.dv.data();
+      for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, span.count - j0);
+        int64_t k_ld, v_ld;
+        const acc_t* kc = rows_as_acc(span.k + j0 * span.k_ld, span.k_ld, n, D, ws.kbuf.data(), &k_ld);
+        const acc_t* vc = rows_as_acc(span.v + j0 * span.v_ld, span.v_ld, n, D, ws.vbuf.data(), &v_ld);
+        acc_t* s = ws.s.data();
+        acc_t* dp = ws.dp.data();
+        gemm<acc_t>(false, true, rows, n, D, 1, ws.q.data(), D, kc, k_ld, 0, s, n);
+        if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, n, s);
+        gemm<acc_t>(false, true, rows, n, D, 1, ws.dout.data(), D, vc, v_ld, 0, dp, n);
+        for (int64_t r = 0; r < rows; ++r) {
+          if (ws.lse[r] == neg_inf<acc_t>()) {  // the query saw nothing: no gradient
+            std::fill(s + r * n, s + r * n + n, acc_t(0));
+            std::fill(dp + r * n, dp + r * n + n, acc_t(0));
+          } else {
+            softmax_grad_row(s + r * n, dp + r * n, n, ws.lse[r], ws.delta[r]);
+          }
+        }
+        // s holds P and dp holds dS (gradient of the scaled scores).
+        gemm<acc_t>(true, false, n, D, rows, 1, s, n, ws.dout.data(), D, 1, dv_span + j0 * D, D);
+        gemm<acc_t>(true, false, n, D, rows, 1, dp, n, ws.q.data(), D, 1, dk_span + j0 * D, D);
+        gemm<acc_t>(false, false, rows, D, n, 1, dp, n, kc, k_ld, 1, ws.dq.data(), D);
+      }
+    }
+
+    auto* grad_q = static_cast<scalar_t*>(p.grad_q);
+    const acc_t scale = static_cast<acc_t>(p.scale);
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t t = 0; t < nq; ++t) {
+        scalar_t* dst = grad_q + b * p.grad_q_strides.b + (hkv * group + g) * p.grad_q_strides.h +
+                        (i0 + t) * p.grad_q_strides.l;
+        const acc_t* src = ws.dq.data() + (g * nq + t) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * scale);
+      }
+  }
+
+  auto* grad_k = static_cast<scalar_t*>(p.grad_k);
+  auto* grad_v = static_cast<scalar_t*>(p.grad_v);
+  for (int64_t j = 0; j < Lk; ++j) {
+    scalar_t* dk_dst = grad_k + b * p.grad_k_strides.b + hkv * p.grad_k_strides.h + j * p.grad_k_strides.l;
+    scalar_t* dv_dst = grad_v + b * p.grad_v_strides.b + hkv * p.grad_v_strides.h + j * p.grad_v_strides.l;
+    for (int64_t d = 0; d < D; ++d) {
+      dk_dst[d] = static_cast<scalar_t>(ws.dk[j * D + d]);
+      dv_dst[d] = static_cast<scalar_t>(ws.dv[j * D + d]);
+    }
+  }
+}
+
+// grad_prefix[p, hkv] = sum over rows b with prompt p of partial[b, hkv] (row order).
+template <typename scalar_t>
+void reduce_prefix_grads(const PrefixAttentionGradParams& p,
+                         const std::vector<acc_type_t<scalar_t>>& partial, const Strides4& dst_st,
+                         void* dst_ptr) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t K = p.prefix_slots, D = p.head_dim, Hkv = p.heads_kv;
+  std::vector<std::vector<int64_t>> rows_of_prompt(p.num_prompts);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t pid = p.prompt_of_row(b);
+    if (pid >= 0) rows_of_prompt[pid].push_back(b);
+  }
+  auto* dst = static_cast<scalar_t*>(dst_ptr);
+  at::parallel_for(0, p.num_prompts * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pid = item / Hkv, hkv = item % Hkv, len = p.prefix_len(pid);
+      for (int64_t slot = 0; slot < K; ++slot) {
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        if (slot < len)
+          for (int64_t b : rows_of_prompt[pid]) {
+            const acc_t* src = partial.data() + ((b * Hkv + hkv) * K + slot) * D;
+            for (int64_t d = 0; d < D; ++d) sum[d] += src[d];
+          }
+        scalar_t* out = dst + pid * dst_st.b + hkv * dst_st.h + slot * dst_st.l;
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(sum[d]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void prefix_attention_forward(const PrefixAttentionParams& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t bq = queries_per_block(p);
+  const int64_t n_qblocks = (p.len_q + bq - 1) / bq;
+  const int64_t rows = (p.heads_q / p.heads_kv) * bq;
+  at::parallel_for(0, p.batch * p.heads_kv * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> ws(rows, p.head_dim, /*backward=*/false, 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qb = item % n_qblocks, bh = item / n_qblocks;
+      const int64_t i0 = qb * bq;
+      forward_block<scalar_t>(p, bh / p.heads_kv, bh % p.heads_kv, i0, std::min(bq, p.len_q - i0), ws);
+    }
+  });
+}
+
+template <typename scalar_t>
+void prefix_attention_backward(const PrefixAttentionGradParams& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t K = p.prefix_slots, D = p.head_dim, Hkv = p.heads_kv;
+  const bool has_prefix = p.num_prompts > 0 && K > 0;
+  // Per-(row, kv head) prefix gradients; only slots < prefix_len are written and read.
+  std::vector<acc_t> partial_k(has_prefix ? p.batch * Hkv * K * D : 0);
+  std::vector<acc_t> partial_v(partial_k.size());
+  const int64_t rows = (p.heads_q / Hkv) * queries_per_block(p);
+  at::parallel_for(0, p.batch * Hkv, 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> ws(rows, D, /*backward=*/true, p.len_k);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, hkv = item % Hkv;
+      acc_t* pdk = has_prefix ? partial_k.data() + item * K * D : nullptr;
+      acc_t* pdv = has_prefix ? partial_v.data() + item * K * D : nullptr;
+      if (has_prefix) {
+        std::fill(pdk, pdk + K * D, acc_t(0));
+        std::fill(pdv, pdv + K * D, acc_t(0));
+      }
+      backward_row_head<scalar_t>(p, b, hkv, pdk, pdv, ws);
+    }
+  });
+  if (p.num_prompts > 0 && K > 0) {
+    reduce_prefix_grads<scalar_t>(p, partial_k, p.grad_pk_strides, p.grad_prefix_k);
+    reduce_prefix_grads<scalar_t>(p, partial_v, p.grad_pv_strides, p.grad_prefix_v);
+  }
+}
+
+#define SOFTPROMPT_INSTANTIATE(T)                                              \
+  template void prefix_attention_forward<T>(const PrefixAttentionParams&); \
+  template void prefix_attention_backward<T>(const PrefixAttentionGradParams&);
+SOFTPROMPT_INSTANTIATE(float)
+SOFTPROMPT_INSTANTIATE(double)
+SOFTPROMPT_INSTANTIATE(c10::BFloat16)
+SOFTPROMPT_INSTANTIATE(c10::Half)
+#undef SOFTPROMPT_INSTANTIATE
+
+}  // namespace softprompt::cpu

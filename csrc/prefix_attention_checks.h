@@ -1,0 +1,250 @@
+// Argument checks and tensor -> params conversion for the prefix attention ops.
+//
+// Shared by the CPU bindings and the CUDA bindings (this header uses torch; the
+// kernels themselves only see prefix_attention_params.h). The Python API checks
+// the same things first with friendlier messages; these checks keep direct calls
+// of torch.ops.softprompt_kernels.* from crashing or reading out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "prefix_attention_params.h"
+
+namespace softprompt {
+
+struct PreparedInputs {
+  at::Tensor q, k, v, prefix_k, prefix_v;          // last dimension contiguous
+  at::Tensor prompt_ids, prefix_lens, padding_mask;  // int64 / int64 / bool, or undefined
+  int64_t B, Hq, Hkv, Lq, Lk, P, K, D;
+  bool causal;
+  double scale;
+};
+
+struct PreparedGradInputs {
+  at::Tensor grad_out, grad_lse, out, lse;
+};
+
+struct GradOutputs {
+  at::Tensor q, k, v, prefix_k, prefix_v;
+};
+
+// Copies only when the kernel cannot read the tensor as rows of D contiguous elements.
+inline at::Tensor as_row_layout(const at::Tensor& t) {
+  const int64_t D = t.size(-1), L = t.size(-2);
+  const bool last_ok = D <= 1 || t.stride(-1) == 1;
+  const bool rows_ok = L <= 1 || t.stride(-2) >= D;
+  return last_ok && rows_ok ? t : t.contiguous();
+}
+
+inline at::ScalarType accumulation_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q,
+                                   at::DeviceType device_type) {
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must have rank 4, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ",
+                   q.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().type() == device_type && t.device() == q.device(), name,
+                    " must be on q's device ", q.device(), ", got ", t.device());
+}
+
+inline PreparedInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                     const std::optional<at::Tensor>& prompt_ids,
+                                     const std::optional<at::Tensor>& prefix_lens,
+                                     const std::optional<at::Tensor>& key_padding_mask,
+                                     bool causal, double scale, at::DeviceType device_type) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                       dtype == at::kHalf,
+                   "q must be float32, float64, bfloat16 or float16, got ", dtype);
+  check_attention_tensor(q, "q", q, device_type);
+  check_attention_tensor(k, "k", q, device_type);
+  check_attention_tensor(v, "v", q, device_type);
+  check_attention_tensor(prefix_k, "prefix_k", q, device_type);
+  check_attention_tensor(prefix_v, "prefix_v", q, device_type);
+
+  PreparedInputs in;
+  in.B = q.size(0), in.Hq = q.size(1), in.Lq = q.size(2), in.D = q.size(3);
+  in.Hkv = k.size(1), in.Lk = k.size(2), in.P = prefix_k.size(0), in.K = prefix_k.size(2);
+  TORCH_CHECK_VALUE(in.D >= 1, "q must have a head dimension of at least 1, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == in.B && k.size(3) == in.D, "k must have shape [B=", in.B,
+                    ", Hkv, Lk, D=", in.D, "], got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(in.Hkv >= 1 && in.Hq % in.Hkv == 0, "q heads (", in.Hq,
+                    ") must be a multiple of k heads (", in.Hkv, ")");
+  TORCH_CHECK_VALUE(in.Lq <= in.Lk, "q length (", in.Lq, ") must not exceed k length (", in.Lk, ")");
+  TORCH_CHECK_VALUE(prefix_k.size(1) == in.Hkv && prefix_k.size(3) == in.D,
+                    "prefix_k must have shape [P, Hkv=", in.Hkv, ", K, D=", in.D, "], got ",
+                    prefix_k.sizes());
+  TORCH_CHECK_VALUE(prefix_v.sizes() == prefix_k.sizes(), "prefix_v must have prefix_k's shape ",
+                    prefix_k.sizes(), ", got ", prefix_v.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+
+  if (prompt_ids.has_value()) {
+    const auto& ids = *prompt_ids;
+    TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                     "prompt_ids must be int32 or int64, got ", ids.scalar_type());
+    TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == in.B, "prompt_ids must have shape [B=", in.B,
+                      "], got ", ids.sizes());
+    TORCH_CHECK_VALUE(ids.device() == q.device(), "prompt_ids must be on q's device ", q.device(),
+                      ", got ", ids.device());
+    in.prompt_ids = ids.to(at::kLong).contiguous();
+  } else {
+    TORCH_CHECK_VALUE(in.P == 1, "prompt_ids=None requires exactly one prefix (prefix_k.shape[0] == 1), got ",
+                      in.P);
+  }
+  if (prefix_lens.has_value()) {
+    const auto& lens = *prefix_lens;
+    TORCH_CHECK_TYPE(lens.scalar_type() == at::kLong || lens.scalar_type() == at::kInt,
+                     "prefix_lens must be int32 or int64, got ", lens.scalar_type());
+    TORCH_CHECK_VALUE(lens.dim() == 1 && lens.size(0) == in.P, "prefix_lens must have shape [P=", in.P,
+                      "], got ", lens.sizes());
+    TORCH_CHECK_VALUE(lens.device() == q.device(), "prefix_lens must be on q's device ", q.device(),
+                      ", got ", lens.device());
+    in.prefix_lens = lens.to(at::kLong).contiguous();
+  }
+  if (key_padding_mask.has_value()) {
+    const auto& mask = *key_padding_mask;
+    TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "key_padding_mask must be bool, got ",
+                     mask.scalar_type());
+    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == in.B && mask.size(1) == in.Lk,
+                      "key_padding_mask must have shape [B=", in.B, ", Lk=", in.Lk, "], got ",
+                      mask.sizes());
+    TORCH_CHECK_VALUE(mask.device() == q.device(), "key_padding_mask must be on q's device ",
+                      q.device(), ", got ", mask.device());
+    in.padding_mask = mask;
+  }
+  in.q = as_row_layout(q);
+  in.k = as_row_layout(k);
+  in.v = as_row_layout(v);
+  in.prefix_k = as_row_layout(prefix_k);
+  in.prefix_v = as_row_layout(prefix_v);
+  in.causal = causal;
+  in.scale = scale;
+  return in;
+}
+
+// Range checks of prompt_ids / prefix_lens; host tensors only (no device sync).
+inline void check_index_values_on_host(const PreparedInputs& in) {
+  if (in.prompt_ids.defined() && in.B > 0) {
+    const int64_t lo = in.prompt_ids.min().item<int64_t>(), hi = in.prompt_ids.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < in.P, "prompt_ids must lie in [-1, P=", in.P, "), got values in [",
+                      lo, ", ", hi, "]");
+  }
+  if (in.prefix_lens.defined() && in.P > 0) {
+    const int64_t lo = in.prefix_lens.min().item<int64_t>(), hi = in.prefix_lens.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= in.K, "prefix_lens must lie in [0, K=", in.K, "], got values in [",
+                      lo, ", ", hi, "]");
+  }
+}
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  // A length-1 row dimension may carry any stride; BLAS wants a row stride >= D.
+  const int64_t row = t.size(2) <= 1 ? t.size(3) : t.stride(2);
+  return {t.stride(0), t.stride(1), row};
+}
+
+// out is laid out as [B, Lq, Hq, D] (what Hugging Face reshapes to without a copy).
+inline std::tuple<at::Tensor, at::Tensor> allocate_forward_outputs(const PreparedInputs& in) {
+  at::Tensor out = at::empty({in.B, in.Lq, in.Hq, in.D}, in.q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({in.B, in.Hq, in.Lq},
+                             in.q.options().dtype(accumulation_dtype(in.q.scalar_type())));
+  return {out, lse};
+}
+
+inline PrefixAttentionParams make_params(const PreparedInputs& in) {
+  PrefixAttentionParams p{};
+  p.q = in.q.data_ptr();
+  p.k = in.k.data_ptr();
+  p.v = in.v.data_ptr();
+  p.prefix_k = in.prefix_k.data_ptr();
+  p.prefix_v = in.prefix_v.data_ptr();
+  p.prompt_ids = in.prompt_ids.defined() ? in.prompt_ids.data_ptr<int64_t>() : nullptr;
+  p.prefix_lens = in.prefix_lens.defined() ? in.prefix_lens.data_ptr<int64_t>() : nullptr;
+  p.key_padding_mask = in.padding_mask.defined() ? in.padding_mask.data_ptr<bool>() : nullptr;
+  p.mask_stride_b = in.padding_mask.defined() ? in.padding_mask.stride(0) : 0;
+  p.mask_stride_l = in.padding_mask.defined() ? in.padding_mask.stride(1) : 0;
+  p.q_strides = strides_of(in.q);
+  p.k_strides = strides_of(in.k);
+  p.v_strides = strides_of(in.v);
+  p.pk_strides = strides_of(in.prefix_k);
+  p.pv_strides = strides_of(in.prefix_v);
+  p.batch = in.B, p.heads_q = in.Hq, p.heads_kv = in.Hkv, p.len_q = in.Lq, p.len_k = in.Lk;
+  p.num_prompts = in.P, p.prefix_slots = in.K, p.head_dim = in.D;
+  p.causal = in.causal;
+  p.scale = in.scale;
+  return p;
+}
+
+inline void set_forward_outputs(PrefixAttentionParams& p, const at::Tensor& out, const at::Tensor& lse) {
+  p.out = out.data_ptr();
+  p.out_strides = strides_of(out);
+  p.lse = lse.data_ptr();
+}
+
+inline at::Tensor check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                             at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  return t;
+}
+
+inline PreparedGradInputs prepare_grad_inputs(const PreparedInputs& in, const at::Tensor& grad_out,
+                                              const std::optional<at::Tensor>& grad_lse,
+                                              const at::Tensor& out, const at::Tensor& lse) {
+  const auto dtype = in.q.scalar_type(), acc = accumulation_dtype(dtype);
+  const auto device = in.q.device();
+  PreparedGradInputs g;
+  g.grad_out = as_row_layout(check_like(grad_out, "grad_out", in.q.sizes(), dtype, device));
+  g.out = as_row_layout(check_like(out, "out", in.q.sizes(), dtype, device));
+  g.lse = check_like(lse, "lse", {in.B, in.Hq, in.Lq}, acc, device).contiguous();
+  if (grad_lse.has_value()) {
+    TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), "grad_lse must have shape ", lse.sizes(),
+                      ", got ", grad_lse->sizes());
+    TORCH_CHECK_VALUE(grad_lse->device() == device, "grad_lse must be on ", device);
+    g.grad_lse = grad_lse->to(acc).contiguous();
+  }
+  return g;
+}
+
+inline GradOutputs allocate_grad_outputs(const PreparedInputs& in) {
+  const auto opts = in.q.options();
+  GradOutputs g;
+  g.q = at::empty({in.B, in.Lq, in.Hq, in.D}, opts).transpose(1, 2);
+  g.k = at::empty({in.B, in.Lk, in.Hkv, in.D}, opts).transpose(1, 2);
+  g.v = at::empty({in.B, in.Lk, in.Hkv, in.D}, opts).transpose(1, 2);
+  g.prefix_k = at::zeros({in.P, in.Hkv, in.K, in.D}, opts);
+  g.prefix_v = at::zeros({in.P, in.Hkv, in.K, in.D}, opts);
+  return g;
+}
+
+inline PrefixAttentionGradParams make_grad_params(const PreparedInputs& in, const PreparedGradInputs& gin,
+                                                  const GradOutputs& grads) {
+  PrefixAttentionGradParams p{};
+  static_cast<PrefixAttentionParams&>(p) = make_params(in);
+  p.out = const_cast<void*>(gin.out.data_ptr());
+  p.out_strides = strides_of(gin.out);
+  p.lse = const_cast<void*>(gin.lse.data_ptr());
+  p.grad_out = gin.grad_out.data_ptr();
+  p.grad_out_strides = strides_of(gin.grad_out);
+  p.grad_lse = gin.grad_lse.defined() ? gin.grad_lse.data_ptr() : nullptr;
+  p.grad_q = grads.q.data_ptr();
+  p.grad_k = grads.k.data_ptr();
+  p.grad_v = grads.v.data_ptr();
+  p.grad_prefix_k = grads.prefix_k.data_ptr();
+  p.grad_prefix_v = grads.prefix_v.data_ptr();
+  p.grad_q_strides = strides_of(grads.q);
+  p.grad_k_strides = strides_of(grads.k);
+  p.grad_v_strides = strides_of(grads.v);
+  p.grad_pk_strides = strides_of(grads.prefix_k);
+  p.grad_pv_strides = strides_of(grads.prefix_v);
+  return p;
+}
+
+}  // namespace softprompt

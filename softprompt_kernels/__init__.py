@@ -1,0 +1,19 @@
+"""softprompt-kernels: fused kernels and PyTorch ops for soft-prompt methods over frozen models."""
+from ._validation import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError
+from .attention import not_supported_reasons, prefix_attention, resolve_backend
+from .backends import PerformanceWarning, available_backends, backend_status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prefix_attention",
+    "available_backends",
+    "backend_status",
+    "resolve_backend",
+    "not_supported_reasons",
+    "InvalidArgumentError",
+    "InvalidDtypeError",
+    "BackendNotSupportedError",
+    "PerformanceWarning",
+    "__version__",
+]

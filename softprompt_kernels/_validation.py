@@ -1,0 +1,211 @@
+"""Argument checks for ``prefix_attention``: one place, every backend.
+
+Every rejection names the argument and what was expected. Shape, dtype and device
+checks read only metadata (no device work). Value-range checks of ``prompt_ids``
+and ``prefix_lens`` read host tensors directly; on an accelerator they become an
+asynchronous device assertion so that the hot path never waits on the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class InvalidArgumentError(ValueError):
+    """An argument of a softprompt_kernels op has the wrong shape, value or device."""
+
+
+class InvalidDtypeError(InvalidArgumentError, TypeError):
+    """An argument has the wrong type or dtype (both a ValueError and a TypeError)."""
+
+
+class BackendNotSupportedError(InvalidArgumentError):
+    """The requested backend cannot run these inputs; the message lists why."""
+
+
+@dataclass(frozen=True)
+class PrefixAttentionInputs:
+    """Validated arguments of one prefix_attention call, with their sizes."""
+
+    q: torch.Tensor  # [B, Hq, Lq, D]
+    k: torch.Tensor  # [B, Hkv, Lk, D]
+    v: torch.Tensor  # [B, Hkv, Lk, D]
+    prefix_k: torch.Tensor  # [P, Hkv, K, D]
+    prefix_v: torch.Tensor  # [P, Hkv, K, D]
+    prompt_ids: Optional[torch.Tensor]  # [B] int, in [-1, P)
+    prefix_lens: Optional[torch.Tensor]  # [P] int, in [0, K]
+    key_padding_mask: Optional[torch.Tensor]  # [B, Lk] bool
+    causal: bool
+    scale: float
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def len_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def len_k(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prefix_k.shape[0]
+
+    @property
+    def prefix_slots(self) -> int:
+        return self.prefix_k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+
+def _fail(message: str) -> None:
+    raise InvalidArgumentError(message)
+
+
+def _check_tensor(value, name: str, rank: int, layout: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise InvalidDtypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
+    if value.dim() != rank:
+        _fail(f"{name} must have rank {rank} with shape {layout}, got shape {tuple(value.shape)}")
+    return value
+
+
+def _check_same_device(value: torch.Tensor, name: str, q: torch.Tensor) -> None:
+    if value.device != q.device:
+        _fail(f"{name} must be on q's device {q.device}, got {value.device}")
+
+
+def _check_index_tensor(value, name: str, length: int, length_name: str, q: torch.Tensor) -> torch.Tensor:
+    value = _check_tensor(value, name, 1, f"[{length_name}]")
+    if value.dtype not in INDEX_DTYPES:
+        raise InvalidDtypeError(f"{name} must be an int32 or int64 tensor, got {value.dtype}")
+    if value.shape[0] != length:
+        _fail(f"{name} must have shape [{length_name}={length}], got {tuple(value.shape)}")
+    _check_same_device(value, name, q)
+    return value
+
+
+def validate_prefix_attention_args(
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prompt_ids=None,
+    prefix_lens=None,
+    causal=True,
+    key_padding_mask=None,
+    scale=None,
+) -> PrefixAttentionInputs:
+    """Checks the op contract of DESIGN.md section 2 and returns the validated inputs."""
+    q = _check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
+    k = _check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
+    v = _check_tensor(v, "v", 4, "[B, Hkv, Lk, D]")
+    prefix_k = _check_tensor(prefix_k, "prefix_k", 4, "[P, Hkv, K, D]")
+    prefix_v = _check_tensor(prefix_v, "prefix_v", 4, "[P, Hkv, K, D]")
+
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise InvalidDtypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype != q.dtype:
+            raise InvalidDtypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        _check_same_device(t, name, q)
+
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    P, _, K, _ = prefix_k.shape
+    if D < 1:
+        _fail(f"q must have a head dimension D >= 1, got shape {tuple(q.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        _fail(f"k must have shape [B={B}, Hkv, Lk, D={D}], got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        _fail(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        _fail(f"q's head count Hq={Hq} must be a multiple of k's head count Hkv={Hkv}")
+    if Lq > Lk:
+        _fail(f"q's length Lq={Lq} must not exceed k's length Lk={Lk} (queries are the last Lq keys)")
+    if prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
+        _fail(f"prefix_k must have shape [P, Hkv={Hkv}, K, D={D}], got {tuple(prefix_k.shape)}")
+    if prefix_v.shape != prefix_k.shape:
+        _fail(f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
+
+    if prompt_ids is None:
+        if P != 1:
+            _fail(f"prompt_ids=None means every row uses the one prefix, so prefix_k must hold exactly "
+                  f"one prompt (P=1); got P={P}: pass prompt_ids [B] with values in [-1, {P})")
+    else:
+        prompt_ids = _check_index_tensor(prompt_ids, "prompt_ids", B, "B", q)
+    if prefix_lens is not None:
+        prefix_lens = _check_index_tensor(prefix_lens, "prefix_lens", P, "P", q)
+    if key_padding_mask is not None:
+        key_padding_mask = _check_tensor(key_padding_mask, "key_padding_mask", 2, "[B, Lk]")
+        if key_padding_mask.dtype != torch.bool:
+            raise InvalidDtypeError(
+                f"key_padding_mask must be a bool tensor (True = real token), got {key_padding_mask.dtype}; "
+                "convert a 0/1 attention mask with .bool()")
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            _fail(f"key_padding_mask must have shape [B={B}, Lk={Lk}], got {tuple(key_padding_mask.shape)}")
+        _check_same_device(key_padding_mask, "key_padding_mask", q)
+    if not isinstance(causal, bool):
+        raise InvalidDtypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = _check_scale(scale, D)
+    return PrefixAttentionInputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
+                                 causal, scale)
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise InvalidDtypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        _fail(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_index_values(inputs: PrefixAttentionInputs) -> None:
+    """Range checks of prompt_ids and prefix_lens, without a device sync.
+
+    Host tensors are checked here directly. On an accelerator the check is queued
+    as a device-side assertion (reported when the stream next synchronises).
+    """
+    P, K = inputs.num_prompts, inputs.prefix_slots
+    checks = []
+    if inputs.prompt_ids is not None and inputs.batch > 0:
+        checks.append((inputs.prompt_ids, -1, P - 1, f"prompt_ids must lie in [-1, P={P})"))
+    if inputs.prefix_lens is not None and P > 0:
+        checks.append((inputs.prefix_lens, 0, K, f"prefix_lens must lie in [0, K={K}]"))
+    for values, low, high, message in checks:
+        if values.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(values.min()), int(values.max())
+            if lo < low or hi > high:
+                _fail(f"{message}, got values in [{lo}, {hi}]")
+        else:
+            torch._assert_async(((values >= low) & (values <= high)).all(), message)

@@ -1,0 +1,73 @@
+"""The public ``prefix_attention`` op."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ._validation import PrefixAttentionInputs, check_index_values, validate_prefix_attention_args
+from .backends import get_backend, select_backend
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    prompt_ids: Optional[torch.Tensor] = None,
+    prefix_lens: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over a shared bank of soft-prompt prefixes plus each row's own keys.
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` queries; any strides (Hugging Face's transposed views are taken as they are).
+        k, v: ``[B, Hkv, Lk, D]`` sequence keys and values, ``Lq <= Lk`` and ``Hq % Hkv == 0``
+            (q head ``h`` uses kv head ``h // (Hq // Hkv)``).
+        prefix_k, prefix_v: ``[P, Hkv, K, D]`` a bank of ``P`` prefixes of ``K`` slots (``K`` may be 0).
+        prompt_ids: int ``[B]`` in ``[-1, P)``: the prefix of each row, -1 for none. ``None`` needs ``P == 1``.
+        prefix_lens: int ``[P]`` in ``[0, K]``: prompt ``p`` uses its first ``prefix_lens[p]`` slots
+            (``None``: all ``K``).
+        causal: sequence key ``j`` is visible to query ``i`` iff ``j <= i + (Lk - Lq)`` (bottom-right
+            aligned, so decoding and chunked prefill are the same op). The prefix is never masked.
+        key_padding_mask: bool ``[B, Lk]``, ``True`` = real token; any padding pattern.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` (float32; float64 for float64 inputs),
+            ``-inf`` for a query that sees no key. It is differentiable.
+        backend: ``"auto"`` (fastest supported), ``"torch"``, ``"cpu"`` or another name from
+            ``softprompt_kernels.available_backends()``.
+
+    Returns:
+        ``out [B, Hq, Lq, D]`` in q's dtype (laid out as ``[B, Lq, Hq, D]`` in memory by the fused
+        backends), and ``lse`` when ``return_lse``. A query with no visible key gets zeros, never NaN,
+        and zero gradients. Gradients of ``prefix_k``/``prefix_v`` for prompt ``p`` are summed over the
+        rows that use it; slots past ``prefix_lens[p]`` get zero.
+    """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if backend != "auto":
+        get_backend(backend)  # rejects an unknown name before anything else
+    inputs = validate_prefix_attention_args(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, causal,
+                                            key_padding_mask, scale)
+    chosen = select_backend(inputs, backend)
+    check_index_values(inputs)
+    out, lse = chosen.run(inputs, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def resolve_backend(q, k, v, prefix_k, prefix_v, *, backend: str = "auto", **kwargs) -> str:
+    """The name of the backend ``prefix_attention`` would run these arguments on."""
+    inputs: PrefixAttentionInputs = validate_prefix_attention_args(q, k, v, prefix_k, prefix_v, **kwargs)
+    return select_backend(inputs, backend).name
+
+
+def not_supported_reasons(backend: str, q, k, v, prefix_k, prefix_v, **kwargs):
+    """Why ``backend`` cannot run these arguments (empty list: it can)."""
+    inputs = validate_prefix_attention_args(q, k, v, prefix_k, prefix_v, **kwargs)
+    return get_backend(backend).not_supported_reasons(inputs)

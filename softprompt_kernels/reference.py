@@ -1,0 +1,109 @@
+"""The ``torch`` backend: prefix attention the way PEFT pays for it.
+
+The prefix of each row is gathered (expanded) over the batch, concatenated in front
+of the row's keys and values, the kv heads are repeated for grouped-query attention
+(as Hugging Face's ``repeat_kv`` does when a mask is given), and one masked SDPA call
+does the rest. Autograd keeps the concatenated copies for backward. This is the
+baseline of every benchmark and, run in float64 on the CPU, a readable statement of
+the math. When the log-sum-exp is asked for, an explicit masked softmax is used
+instead of SDPA (which does not return it).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import PrefixAttentionInputs
+
+
+def visibility_mask(inputs: PrefixAttentionInputs) -> torch.Tensor:
+    """Boolean mask [B, Lq, K + Lk] (K = 0 for an empty bank): which keys each query sees."""
+    B, Lq, Lk, K = inputs.batch, inputs.len_q, inputs.len_k, inputs.prefix_slots
+    device = inputs.device
+    key_pos = torch.arange(Lk, device=device)
+    if inputs.causal:
+        query_pos = torch.arange(Lq, device=device) + (Lk - Lq)
+        seq_visible = (key_pos[None, :] <= query_pos[:, None])[None].expand(B, Lq, Lk)
+    else:
+        seq_visible = torch.ones(B, Lq, Lk, dtype=torch.bool, device=device)
+    if inputs.key_padding_mask is not None:
+        seq_visible = seq_visible & inputs.key_padding_mask[:, None, :]
+    if not _has_prefix(inputs):
+        return seq_visible
+    slots = _prefix_slot_mask(inputs)  # [B, K]
+    return torch.cat([slots[:, None, :].expand(B, Lq, K), seq_visible], dim=2)
+
+
+def _has_prefix(inputs: PrefixAttentionInputs) -> bool:
+    return inputs.num_prompts > 0 and inputs.prefix_slots > 0
+
+
+def _row_prompts(inputs: PrefixAttentionInputs) -> torch.Tensor:
+    if inputs.prompt_ids is not None:
+        return inputs.prompt_ids.long()
+    return torch.zeros(inputs.batch, dtype=torch.long, device=inputs.device)
+
+
+def _prefix_slot_mask(inputs: PrefixAttentionInputs) -> torch.Tensor:
+    """[B, K] bool: slot s of row b's prompt is used."""
+    B, K = inputs.batch, inputs.prefix_slots
+    ids = _row_prompts(inputs)
+    has_prompt = ids >= 0
+    if inputs.prefix_lens is None:
+        lens = torch.full((B,), K, dtype=torch.long, device=inputs.device)
+    else:
+        lens = inputs.prefix_lens.long()[ids.clamp(min=0)]
+    slots = torch.arange(K, device=inputs.device)
+    return has_prompt[:, None] & (slots[None, :] < lens[:, None])
+
+
+def _expanded_prefix(prefix: torch.Tensor, inputs: PrefixAttentionInputs) -> torch.Tensor:
+    """The per-row copy PEFT makes: [B, Hkv, K, D]."""
+    if inputs.prompt_ids is None:
+        return prefix.expand(inputs.batch, -1, -1, -1)
+    return prefix.index_select(0, inputs.prompt_ids.long().clamp(min=0))
+
+
+def concatenated_kv(inputs: PrefixAttentionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values with each row's prefix in front: [B, Hkv, K + Lk, D] each."""
+    if not _has_prefix(inputs):
+        return inputs.k, inputs.v
+    keys = torch.cat([_expanded_prefix(inputs.prefix_k, inputs), inputs.k], dim=2)
+    values = torch.cat([_expanded_prefix(inputs.prefix_v, inputs), inputs.v], dim=2)
+    return keys, values
+
+
+def prefix_attention_torch(
+    inputs: PrefixAttentionInputs, return_lse: bool = False
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] or None)."""
+    keys, values = concatenated_kv(inputs)
+    group = inputs.heads_q // inputs.heads_kv
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    mask = visibility_mask(inputs)[:, None]  # [B, 1, Lq, K + Lk]
+    if return_lse:
+        return _explicit_softmax_attention(inputs.q, keys, values, mask, inputs.scale)
+    # A query that sees nothing gets a dummy all-visible row, then zeros: SDPA would give NaN.
+    sees_any = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(inputs.q, keys, values, attn_mask=mask | ~sees_any,
+                                         scale=inputs.scale)
+    return out.masked_fill(~sees_any, 0.0), None
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _explicit_softmax_attention(q, keys, values, mask, scale):
+    acc = lse_dtype(q.dtype)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - finite_lse[..., None])
+    out = torch.matmul(probs.to(q.dtype), values)
+    return out, lse

@@ -1,0 +1,106 @@
+"""Shared builders for prefix-attention tests: cases, tensors, comparisons."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+import softprompt_kernels as sk
+from oracle import oracle_prefix_attention
+
+
+@dataclass
+class Case:
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    P: int
+    K: int
+    D: int
+    causal: bool = True
+    prompt_ids: Optional[List[int]] = None
+    prefix_lens: Optional[List[int]] = None
+    padding: Optional[List[List[int]]] = None  # per row: 1 = real token, 0 = padding (length Lk)
+    seed: int = 0
+    name: str = field(default="")
+
+    def __str__(self):
+        return self.name or (f"B{self.B}-H{self.Hq}/{self.Hkv}-Lq{self.Lq}-Lk{self.Lk}-P{self.P}-K{self.K}"
+                             f"-D{self.D}-{'causal' if self.causal else 'full'}")
+
+
+def make_inputs(case: Case, dtype=torch.float32, device="cpu", requires_grad=True):
+    """Returns (tensors [q, k, v, prefix_k, prefix_v], kwargs) for prefix_attention."""
+    gen = torch.Generator().manual_seed(case.seed)
+
+    def rand(*shape):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        return t.requires_grad_(requires_grad)
+
+    tensors = [rand(case.B, case.Hq, case.Lq, case.D), rand(case.B, case.Hkv, case.Lk, case.D),
+               rand(case.B, case.Hkv, case.Lk, case.D), rand(case.P, case.Hkv, case.K, case.D),
+               rand(case.P, case.Hkv, case.K, case.D)]
+    kwargs = {"causal": case.causal}
+    if case.prompt_ids is not None:
+        kwargs["prompt_ids"] = torch.tensor(case.prompt_ids, dtype=torch.long, device=device)
+    if case.prefix_lens is not None:
+        kwargs["prefix_lens"] = torch.tensor(case.prefix_lens, dtype=torch.long, device=device)
+    if case.padding is not None:
+        kwargs["key_padding_mask"] = torch.tensor(case.padding, dtype=torch.bool, device=device)
+    return tensors, kwargs
+
+
+def upstream_grad(shape, seed=123, dtype=torch.float64, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def run_with_grads(fn, tensors, kwargs, use_lse=True):
+    """Runs fn(*tensors, **kwargs, return_lse=True); returns [out, lse, dq, dk, dv, dprefix_k, dprefix_v].
+
+    The loss uses the output and (finite part of) the lse, so the lse gradient path is covered too.
+    """
+    out, lse = fn(*tensors, **kwargs, return_lse=True)
+    loss = (out.double() * upstream_grad(out.shape, device=out.device)).sum()
+    if use_lse:
+        finite = torch.isfinite(lse)
+        weights = upstream_grad(lse.shape, seed=7, device=lse.device)
+        loss = loss + (torch.where(finite, lse.double(), torch.zeros_like(lse.double())) * weights).sum()
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+    return [out.detach(), lse.detach()] + [g.detach() for g in grads]
+
+
+NAMES = ["out", "lse", "grad_q", "grad_k", "grad_v", "grad_prefix_k", "grad_prefix_v"]
+
+
+def oracle_results(case: Case):
+    tensors, kwargs = make_inputs(case, dtype=torch.float64)
+    return run_with_grads(oracle_prefix_attention, tensors, kwargs)
+
+
+def backend_results(case: Case, backend: str, dtype=torch.float32, device="cpu"):
+    tensors, kwargs = make_inputs(case, dtype=dtype, device=device)
+    return run_with_grads(lambda *a, **kw: sk.prefix_attention(*a, **kw, backend=backend), tensors, kwargs)
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected| over finite entries; -inf must match exactly."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    inf_expected = torch.isinf(expected)
+    assert torch.equal(torch.isinf(actual), inf_expected), "infinite entries differ"
+    assert not torch.isnan(actual).any(), "NaN in result"
+    a, e = actual[~inf_expected], expected[~inf_expected]
+    if e.numel() == 0:
+        return 0.0
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def assert_matches_oracle(results, reference, rtol):
+    for name, actual, expected in zip(NAMES, results, reference):
+        err = max_relative_error(actual, expected)
+        assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"

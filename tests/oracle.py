@@ -1,0 +1,56 @@
+"""An independent float64 statement of prefix attention, for tests only.
+
+Written query by query from the contract in DESIGN.md section 2 (explicit lists of
+visible keys, no masks, no concatenation of the whole batch), so that it shares no
+code and no structure with any backend. Gradients come from autograd through it.
+"""
+import torch
+
+
+def visible_sequence_keys(b, i, len_q, len_k, causal, key_padding_mask):
+    keys = []
+    for j in range(len_k):
+        if key_padding_mask is not None and not bool(key_padding_mask[b, j]):
+            continue
+        if causal and j > i + (len_k - len_q):
+            continue
+        keys.append(j)
+    return keys
+
+
+def oracle_prefix_attention(q, k, v, prefix_k, prefix_v, prompt_ids=None, prefix_lens=None, causal=True,
+                            key_padding_mask=None, scale=None, return_lse=True):
+    """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq]) in float64."""
+    q, k, v, prefix_k, prefix_v = (t.double() for t in (q, k, v, prefix_k, prefix_v))
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    P, K = prefix_k.shape[0], prefix_k.shape[2]
+    group = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    out_rows, lse_rows = [], []
+    for b in range(B):
+        prompt = 0 if prompt_ids is None else int(prompt_ids[b])
+        n_slots = 0
+        if prompt >= 0 and P > 0:
+            n_slots = K if prefix_lens is None else int(prefix_lens[prompt])
+        out_heads, lse_heads = [], []
+        for h in range(Hq):
+            kv_head = h // group
+            out_q, lse_q = [], []
+            for i in range(Lq):
+                seq = visible_sequence_keys(b, i, Lq, Lk, causal, key_padding_mask)
+                keys = [prefix_k[prompt, kv_head, s] for s in range(n_slots)] + [k[b, kv_head, j] for j in seq]
+                values = [prefix_v[prompt, kv_head, s] for s in range(n_slots)] + [v[b, kv_head, j] for j in seq]
+                if not keys:
+                    out_q.append(q.new_zeros(D) * q[b, h, i])  # keeps the graph: zero gradient
+                    lse_q.append(q.new_tensor(float("-inf")))
+                    continue
+                scores = torch.stack(keys) @ q[b, h, i] * scale
+                lse = torch.logsumexp(scores, dim=0)
+                out_q.append(torch.exp(scores - lse) @ torch.stack(values))
+                lse_q.append(lse)
+            out_heads.append(torch.stack(out_q) if out_q else q.new_zeros(0, D))
+            lse_heads.append(torch.stack(lse_q) if lse_q else q.new_zeros(0))
+        out_rows.append(torch.stack(out_heads))
+        lse_rows.append(torch.stack(lse_heads))
+    return torch.stack(out_rows), torch.stack(lse_rows)

@@ -1,0 +1,84 @@
+"""gradcheck in float64, the prefix-gradient reduction over rows, and exact zeros where nothing is seen."""
+import pytest
+import torch
+
+import softprompt_kernels as sk
+from helpers import Case, make_inputs
+
+BACKENDS = ["torch", "cpu"]
+
+GRADCHECK_CASES = [
+    Case(2, 4, 2, 3, 4, 2, 3, 4, prompt_ids=[1, 0], prefix_lens=[2, 3], padding=[[0, 1, 1, 1], [1, 1, 1, 0]],
+         name="multi-prompt-padded"),
+    Case(2, 2, 1, 2, 5, 1, 2, 3, causal=True, name="decode-gqa"),
+    Case(2, 2, 2, 3, 3, 2, 2, 4, causal=False, prompt_ids=[-1, 1], name="noncausal-no-prompt-row"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
+def test_gradcheck_float64(case, backend):
+    tensors, kwargs = make_inputs(case, dtype=torch.float64)
+
+    def fn(*xs):
+        return sk.prefix_attention(*xs, **kwargs, return_lse=True, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, tensors, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_grads_are_sums_over_rows_sharing_a_prompt(backend):
+    """Rows run alone with their prompt's prefix: the batched prefix gradient is the sum of theirs."""
+    case = Case(5, 4, 2, 5, 7, 3, 6, 8, prompt_ids=[2, 0, 2, -1, 2], prefix_lens=[6, 6, 4],
+                padding=[[1] * 7, [0, 1, 1, 1, 1, 1, 1], [1] * 6 + [0], [1] * 7, [0, 0] + [1] * 5])
+    tensors, kwargs = make_inputs(case, dtype=torch.float64)
+    q, k, v, pk, pv = tensors
+    out = sk.prefix_attention(*tensors, **kwargs, backend=backend)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dpk, dpv = torch.autograd.grad((out * weights).sum(), [pk, pv])
+
+    expected_k, expected_v = torch.zeros_like(pk), torch.zeros_like(pv)
+    for b, prompt in enumerate(case.prompt_ids):
+        if prompt < 0:
+            continue
+        n = case.prefix_lens[prompt]
+        row_pk = pk[prompt:prompt + 1, :, :n].detach().requires_grad_()
+        row_pv = pv[prompt:prompt + 1, :, :n].detach().requires_grad_()
+        row_out = sk.prefix_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], row_pk, row_pv,
+                                      key_padding_mask=kwargs["key_padding_mask"][b:b + 1], backend="torch")
+        gk, gv = torch.autograd.grad((row_out * weights[b:b + 1]).sum(), [row_pk, row_pv])
+        expected_k[prompt, :, :n] += gk[0]
+        expected_v[prompt, :, :n] += gv[0]
+    torch.testing.assert_close(dpk, expected_k, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dpv, expected_v, rtol=1e-10, atol=1e-12)
+    # slots past prefix_lens and prompts no row uses get exactly zero
+    assert torch.all(dpk[2, :, 4:] == 0) and torch.all(dpv[2, :, 4:] == 0)
+    assert torch.all(dpk[1] == 0) and torch.all(dpv[1] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_that_sees_nothing_gets_zeros_and_zero_grads(backend, dtype):
+    case = Case(2, 2, 1, 4, 4, 1, 3, 8, prompt_ids=[-1, 0], padding=[[0, 0, 1, 1], [0, 0, 0, 0]])
+    tensors, kwargs = make_inputs(case, dtype=dtype)
+    out, lse = sk.prefix_attention(*tensors, **kwargs, return_lse=True, backend=backend)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    # row 0 has no prompt and its first two keys are padding: queries 0 and 1 see nothing
+    assert torch.all(out[0, :, :2] == 0)
+    assert torch.all(lse[0, :, :2] == float("-inf"))
+    assert torch.isfinite(lse[0, :, 2:]).all() and torch.isfinite(lse[1]).all()
+    grads = torch.autograd.grad(out.float().sum(), tensors)
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert torch.all(grads[0][0, :, :2] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_empty_queries(backend):
+    for case in (Case(0, 2, 2, 3, 3, 1, 2, 4), Case(2, 2, 2, 0, 3, 1, 2, 4)):
+        tensors, kwargs = make_inputs(case)
+        out, lse = sk.prefix_attention(*tensors, **kwargs, return_lse=True, backend=backend)
+        assert out.shape == tensors[0].shape and lse.shape == tensors[0].shape[:3]
+        grads = torch.autograd.grad(out.sum(), tensors, allow_unused=True)
+        for g, t in zip(grads, tensors):
+            assert g is None or (g.shape == t.shape and torch.all(g == 0))

@@ -1,0 +1,66 @@
+"""Every backend against the independent float64 oracle: outputs, lse and all five gradients."""
+import pytest
+import torch
+
+from helpers import Case, assert_matches_oracle, backend_results, oracle_results
+
+CPU_BACKENDS = ["torch", "cpu"]
+
+FIXED_CASES = [
+    Case(2, 4, 4, 9, 9, 1, 5, 16, name="mha-one-prompt"),
+    Case(2, 6, 2, 13, 13, 1, 4, 24, name="gqa-odd-lengths-d24"),
+    Case(3, 4, 1, 7, 7, 1, 3, 8, causal=False, name="mqa-noncausal"),
+    Case(5, 4, 2, 6, 6, 3, 7, 12, prompt_ids=[2, -1, 0, 2, 1], prefix_lens=[0, 3, 7], name="multi-prompt-lens"),
+    Case(4, 2, 2, 6, 6, 2, 4, 8, prompt_ids=[0, 1, -1, 1],
+         padding=[[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 0, 1]],
+         name="left-right-full-and-holey-padding"),
+    Case(2, 2, 1, 5, 5, 1, 3, 8, padding=[[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]],
+         name="fully-padded-row-still-sees-prefix"),
+    Case(3, 4, 2, 1, 11, 2, 5, 16, prompt_ids=[1, 0, -1], padding=[[1] * 11, [0, 0] + [1] * 9, [1] * 10 + [0]],
+         name="decode-lq1"),
+    Case(2, 4, 2, 3, 9, 1, 4, 10, name="decode-lq3"),
+    Case(2, 4, 2, 4, 10, 1, 4, 10, causal=False, name="lq-lt-lk-noncausal"),
+    Case(2, 4, 2, 7, 7, 1, 0, 8, name="k-zero"),
+    Case(3, 2, 2, 5, 5, 0, 3, 8, prompt_ids=[-1, -1, -1], name="empty-bank"),
+    Case(2, 2, 2, 5, 5, 2, 4, 8, prompt_ids=[-1, -1], name="no-row-uses-a-prompt"),
+    Case(2, 2, 1, 150, 150, 2, 130, 8, prompt_ids=[1, 0], prefix_lens=[130, 129],
+         name="longer-than-one-key-block"),
+    Case(1, 2, 2, 2, 3, 1, 2, 1, name="head-dim-one"),
+]
+
+
+@pytest.fixture(scope="module")
+def oracle_cache():
+    return {}
+
+
+def _oracle(cache, case):
+    if case.name not in cache:
+        cache[case.name] = oracle_results(case)
+    return cache[case.name]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", FIXED_CASES, ids=str)
+def test_float32_matches_oracle(case, backend, oracle_cache):
+    assert_matches_oracle(backend_results(case, backend, torch.float32), _oracle(oracle_cache, case), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", FIXED_CASES[:6], ids=str)
+def test_float64_matches_oracle_tightly(case, backend, oracle_cache):
+    assert_matches_oracle(backend_results(case, backend, torch.float64), _oracle(oracle_cache, case), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [FIXED_CASES[1], FIXED_CASES[4], FIXED_CASES[6]], ids=str)
+def test_low_precision_cpu_kernel_within_torch_error(case, dtype, oracle_cache):
+    """FlashAttention's rule: error vs the float64 oracle at most 2x the torch path's error, plus a floor."""
+    reference = _oracle(oracle_cache, case)
+    ours = backend_results(case, "cpu", dtype)
+    baseline = backend_results(case, "torch", dtype)
+    for name, a, b, ref in zip(["out", "lse", "dq", "dk", "dv", "dpk", "dpv"], ours, baseline, reference):
+        finite = torch.isfinite(ref)
+        ours_err = (a.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+        base_err = (b.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+        assert ours_err <= 2 * base_err + 1e-3, f"{name}: {ours_err:.3e} vs torch {base_err:.3e}"
