@@ -2,6 +2,7 @@
 from ._validation import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError
 from .attention import not_supported_reasons, prefix_attention, resolve_backend
 from .backends import PerformanceWarning, available_backends, backend_status
+from .triton.op import prefix_grad_mode, set_prefix_grad_mode  # registers the triton backend
 
 __version__ = "0.1.0"
 
@@ -9,6 +10,8 @@ __all__ = [
     "prefix_attention",
     "available_backends",
     "backend_status",
+    "set_prefix_grad_mode",
+    "prefix_grad_mode",
     "resolve_backend",
     "not_supported_reasons",
     "InvalidArgumentError",

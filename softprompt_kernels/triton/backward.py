@@ -1,0 +1,396 @@
+"""Triton backward of prefix attention.
+
+Kernels (FlashAttention-2 decomposition, written for this op):
+  delta   : delta = rowsum(out * grad_out) - grad_lse                      [B, Hq, Lq]
+  kv      : one program per block of keys of one (row, kv head). Sequence-key blocks
+            write dk/dv of that row; prefix-slot blocks write the row's share of the
+            prefix gradient: a per-row partial (deterministic mode) or an fp32
+            atomic add into the prompt's accumulator (atomic mode). All q heads of
+            the kv head's group are visited in the program: GQA without copies.
+  dq      : one program per block of queries of one (row, q head), like the forward.
+  reduce  : deterministic mode: prefix gradient of prompt p = sum of the partials of
+            the rows that use p, in row order (bitwise reproducible).
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import (LOG2E, autotune_configs, head_block, launcher, length_bucket,
+                     prune_by_head_block, tl, triton)
+from .forward import dot_precision, load_rows, padding_view, prompt_of_row, usable_prefix
+
+BWD_SPACE = {
+    16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)],
+    32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)],
+    64: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)],
+    128: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+          dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+          dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)],
+    256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+          dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)],
+}
+DQ_SPACE = {
+    16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+    64: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+    128: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)],
+    256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)],
+}
+TUNING_KEY = ["BLOCK_D", "CAUSAL", "HAS_PADDING", "DOT_PRECISION", "lq_bucket", "lk_bucket"]
+
+
+@triton.jit
+def delta_kernel(OUT, DO, GRAD_LSE, DELTA,
+                 stride_ob, stride_oh, stride_om,   # out      [B, Hq, Lq, D]
+                 stride_db, stride_dh, stride_dm,   # grad_out [B, Hq, Lq, D]; grad_lse, delta [B, Hq, Lq] fp32
+                 Hq, Lq, D,
+                 HAS_GRAD_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask,
+                other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = bh.to(tl.int64) * Lq + offs_m
+    if HAS_GRAD_LSE:
+        delta -= tl.load(GRAD_LSE + row, mask=offs_m < Lq, other=0.0)
+    tl.store(DELTA + row, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                           q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
+                           MASK_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Accumulates dk, dv [BLOCK_N, BLOCK_D] of one key block over queries [q_lo, q_hi) of one head."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_m in range(q_lo, q_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Lq, offs_d, D, True,
+                      EVEN_D)
+        do = load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, Lq, offs_d, D, True,
+                       EVEN_D)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf"))
+        # a query that saw nothing has lse = -inf and contributes nothing
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2 - lse2[None, :])
+        if MASK_CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, p_t, 0.0)
+        if HAS_KEY_MASK:
+            p_t = tl.where(key_real[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=autotune_configs(BWD_SPACE), key=TUNING_KEY + ["DETERMINISTIC"],
+                 prune_configs_by={"early_config_prune": prune_by_head_block(BWD_SPACE)},
+                 reset_to_zero=["DPK", "DPV"])
+@triton.jit
+def prefix_attention_bwd_kv_kernel(
+    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, DO, LSE, DELTA, DK, DV, DPK, DPV,
+    stride_qb, stride_qh, stride_qm,     # q        [B, Hq, Lq, D]
+    stride_kb, stride_kh, stride_kn,     # k        [B, Hkv, Lk, D]
+    stride_vb, stride_vh, stride_vn,     # v        [B, Hkv, Lk, D]
+    stride_pkp, stride_pkh, stride_pkn,  # prefix_k [P, Hkv, K, D]
+    stride_pvp, stride_pvh, stride_pvn,  # prefix_v [P, Hkv, K, D]
+    stride_pb, stride_pn,                # padding  [B, Lk] uint8
+    stride_dob, stride_doh, stride_dom,  # grad_out [B, Hq, Lq, D]; lse, delta [B, Hq, Lq] fp32
+    stride_dkb, stride_dkh, stride_dkn,  # dk, dv   [B, Hkv, Lk, D] (same strides)
+    Hq, Hkv, Lq, Lk, K_SLOTS, D, group, scale, scale_log2,
+    lq_bucket, lk_bucket,
+    # DPK/DPV: deterministic: per-row partials [B, Hkv, K, D] fp32; atomic: accumulators [P, Hkv, K, D] fp32
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    block = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // Hkv).to(tl.int64)
+    kvh = (bkv % Hkv).to(tl.int64)
+    n_prefix_blocks = tl.cdiv(K_SLOTS, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    causal_shift = Lk - Lq
+    if block < n_prefix_blocks:
+        prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
+        start_n = block * BLOCK_N
+        if start_n < n_slots:
+            prompt64 = prompt.to(tl.int64)
+            offs_n = start_n + offs_n0
+            k = load_rows(PK + prompt64 * stride_pkp + kvh * stride_pkh + offs_n[:, None] * stride_pkn
+                          + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
+            v = load_rows(PV + prompt64 * stride_pvp + kvh * stride_pvh + offs_n[:, None] * stride_pvn
+                          + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
+            for g in range(0, group):
+                h = kvh * group + g
+                row = (b * Hq + h) * Lq
+                dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
+                                                DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
+                                                stride_qm, stride_dom, 0, Lq, Lq, offs_n, offs_n, 0, D,
+                                                scale_log2, False, False, EVEN_D, DOT_PRECISION, BLOCK_M,
+                                                BLOCK_D)
+            dk = dk * scale
+            slot_mask = (offs_n < n_slots)[:, None] & (offs_d < D)[None, :]
+            if DETERMINISTIC:
+                dst = (b * Hkv + kvh) * K_SLOTS * D + offs_n[:, None] * D + offs_d[None, :]
+                tl.store(DPK + dst, dk, mask=slot_mask)
+                tl.store(DPV + dst, dv, mask=slot_mask)
+            else:
+                dst = (prompt64 * Hkv + kvh) * K_SLOTS * D + offs_n[:, None] * D + offs_d[None, :]
+                tl.atomic_add(DPK + dst, dk, mask=slot_mask)
+                tl.atomic_add(DPV + dst, dv, mask=slot_mask)
+    else:
+        start_n = (block - n_prefix_blocks) * BLOCK_N
+        offs_n = start_n + offs_n0
+        k = load_rows(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                      offs_n, Lk, offs_d, D, True, EVEN_D)
+        v = load_rows(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                      offs_n, Lk, offs_d, D, True, EVEN_D)
+        key_real = offs_n < Lk
+        if HAS_PADDING:
+            key_real = tl.load(PADDING + b * stride_pb + offs_n * stride_pn, mask=offs_n < Lk, other=0) != 0
+        # queries that see some key of this block start at start_n - shift; those at or past
+        # start_n + BLOCK_N - 1 - shift see the whole block (no causal mask needed)
+        q_lo = 0
+        q_free = 0
+        if CAUSAL:
+            q_lo = tl.maximum(start_n - causal_shift, 0)
+            q_lo = (q_lo // BLOCK_M) * BLOCK_M
+            q_free = tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0)
+            q_free = tl.minimum(tl.cdiv(q_free, BLOCK_M) * BLOCK_M, tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
+            q_free = tl.maximum(q_free, q_lo)
+        for g in range(0, group):
+            h = kvh * group + g
+            row = (b * Hq + h) * Lq
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DO + b * stride_dob + h * stride_doh
+            if CAUSAL:
+                dk, dv = _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm,
+                                                stride_dom, q_lo, q_free, Lq, offs_n, key_real, causal_shift,
+                                                D, scale_log2, True, HAS_PADDING, EVEN_D, DOT_PRECISION,
+                                                BLOCK_M, BLOCK_D)
+            dk, dv = _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm,
+                                            stride_dom, q_free, Lq, Lq, offs_n, key_real, causal_shift, D,
+                                            scale_log2, False, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_M,
+                                            BLOCK_D)
+        dk = dk * scale
+        dst = b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+        seq_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
+        tl.store(DK + dst, dk.to(DK.dtype.element_ty), mask=seq_mask)
+        tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=seq_mask)
+
+
+@triton.jit
+def _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start, end, q_pos,
+                  causal_shift, pad_base, stride_pn, D, scale_log2,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, EVEN_D: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq += dS @ K over key blocks [start, end). Keys past `end` load as zeros and add nothing."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, end, offs_d, D, MASKED,
+                      EVEN_D)
+        v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, end, offs_d, D, MASKED,
+                      EVEN_D)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 - lse2[:, None])
+        if MASKED and CAUSAL:
+            p = tl.where(offs_n[None, :] <= q_pos[:, None] + causal_shift, p, 0.0)
+        if HAS_PADDING:
+            real = tl.load(pad_base + offs_n * stride_pn, mask=offs_n < end, other=0) != 0
+            p = tl.where(real[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=autotune_configs(DQ_SPACE), key=TUNING_KEY,
+                 prune_configs_by={"early_config_prune": prune_by_head_block(DQ_SPACE)})
+@triton.jit
+def prefix_attention_bwd_dq_kernel(
+    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm,     # q        [B, Hq, Lq, D]
+    stride_kb, stride_kh, stride_kn,     # k        [B, Hkv, Lk, D]
+    stride_vb, stride_vh, stride_vn,     # v        [B, Hkv, Lk, D]
+    stride_pkp, stride_pkh, stride_pkn,  # prefix_k [P, Hkv, K, D]
+    stride_pvp, stride_pvh, stride_pvn,  # prefix_v [P, Hkv, K, D]
+    stride_pb, stride_pn,                # padding  [B, Lk] uint8
+    stride_dob, stride_doh, stride_dom,  # grad_out [B, Hq, Lq, D]; lse, delta [B, Hq, Lq] fp32
+    stride_dqb, stride_dqh, stride_dqm,  # dq       [B, Hq, Lq, D]
+    Hq, Lq, Lk, K_SLOTS, D, group, scale, scale_log2,
+    lq_bucket, lk_bucket,
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // group).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Lq,
+                  offs_d, D, True, EVEN_D)
+    do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m,
+                   Lq, offs_d, D, True, EVEN_D)
+    row = bh.to(tl.int64) * Lq
+    lse = tl.load(LSE + row + offs_m, mask=offs_m < Lq, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
+    prompt = tl.maximum(prompt, 0).to(tl.int64)
+    dq = _dq_over_keys(dq, q, do, lse2, delta, PK + prompt * stride_pkp + kvh * stride_pkh,
+                       PV + prompt * stride_pvp + kvh * stride_pvh, stride_pkn, stride_pvn, 0, n_slots, offs_m, 0,
+                       PADDING, 0, D, scale_log2, True, False, False, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+
+    causal_shift = Lk - Lq
+    if CAUSAL:
+        free_end = tl.minimum(start_m * BLOCK_M + causal_shift + 1, Lk)
+        hi = tl.minimum((start_m + 1) * BLOCK_M + causal_shift, Lk)
+    else:
+        free_end = Lk
+        hi = Lk
+    free_end = (free_end // BLOCK_N) * BLOCK_N
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    pad_base = PADDING + b * stride_pb
+    dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, free_end, offs_m,
+                       causal_shift, pad_base, stride_pn, D, scale_log2, False, CAUSAL, HAS_PADDING, EVEN_D,
+                       DOT_PRECISION, BLOCK_N, BLOCK_D)
+    dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, free_end, hi, offs_m,
+                       causal_shift, pad_base, stride_pn, D, scale_log2, True, CAUSAL, HAS_PADDING, EVEN_D,
+                       DOT_PRECISION, BLOCK_N, BLOCK_D)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def reduce_prefix_grads_kernel(PARTIAL, PROMPT_IDS, PREFIX_LENS, OUT,
+                               B, Hkv, K_SLOTS, D,   # partial [B, Hkv, K, D] fp32 -> out [P, Hkv, K, D]
+                               HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
+                               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    ph = tl.program_id(0)
+    prompt = ph // Hkv
+    kvh = ph % Hkv
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_slots = K_SLOTS
+    if HAS_LENS:
+        n_slots = tl.load(PREFIX_LENS + prompt).to(tl.int32)
+    mask = (offs_s < n_slots)[:, None] & (offs_d < D)[None, :]
+    tile = offs_s[:, None] * D + offs_d[None, :]
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for b in range(0, B):
+        row_prompt = 0
+        if HAS_IDS:
+            row_prompt = tl.load(PROMPT_IDS + b).to(tl.int32)
+        if row_prompt == prompt:
+            acc += tl.load(PARTIAL + (b * Hkv + kvh).to(tl.int64) * K_SLOTS * D + tile, mask=mask, other=0.0)
+    out = OUT + ph.to(tl.int64) * K_SLOTS * D + tile
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=(offs_s < K_SLOTS)[:, None] & (offs_d < D)[None, :])
+
+
+def _bshd_empty(shape, like):
+    B, H, L, D = shape
+    return torch.empty((B, L, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
+                         key_padding_mask, out, lse, causal: bool, scale: float, deterministic: bool = True):
+    """Launches the backward kernels; returns (dq, dk, dv, dprefix_k, dprefix_v)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    P = prefix_k.shape[0]
+    dq, dk, dv = _bshd_empty(q.shape, q), _bshd_empty(k.shape, k), _bshd_empty(v.shape, v)
+    dprefix_k = torch.zeros_like(prefix_k, memory_format=torch.contiguous_format)
+    dprefix_v = torch.zeros_like(prefix_v, memory_format=torch.contiguous_format)
+    if B * Hkv * Lk == 0 or D == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dprefix_k, dprefix_v
+    if Lq == 0:
+        return dq, dk.zero_(), dv.zero_(), dprefix_k, dprefix_v
+    block_d = head_block(D)
+    common = dict(BLOCK_D=block_d, EVEN_D=block_d == D, DOT_PRECISION=dot_precision(q.dtype))
+
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    delta_block = 64 if block_d <= 128 else 32
+    launcher(delta_kernel)[(triton.cdiv(Lq, delta_block), B * Hq)](
+        out, grad_out, grad_lse if grad_lse is not None else delta, delta,
+        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        Hq, Lq, D, HAS_GRAD_LSE=grad_lse is not None, BLOCK_M=delta_block, BLOCK_D=block_d)
+
+    pad, stride_pb, stride_pn = padding_view(key_padding_mask, q)
+    pk, pv, ids, lens, n_slots = usable_prefix(q, prefix_k, prefix_v, prompt_ids, prefix_lens)
+    if n_slots == 0:
+        # never touched (no prefix block runs), but autotuning zeroes it: a dummy of its own
+        grad_pk = grad_pv = torch.zeros(1, dtype=torch.float32, device=q.device)
+    elif deterministic:
+        grad_pk = torch.empty((B, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
+        grad_pv = torch.empty_like(grad_pk)
+    else:
+        grad_pk = torch.zeros((P, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
+        grad_pv = torch.zeros_like(grad_pk)
+    flags = dict(HAS_IDS=ids is not None, HAS_LENS=lens is not None, HAS_PADDING=key_padding_mask is not None,
+                 CAUSAL=causal, **common)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
+               pv.stride(0), pv.stride(1), pv.stride(2), stride_pb, stride_pn,
+               grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    buckets = (length_bucket(Lq), length_bucket(Lk))
+
+    def kv_grid(meta):
+        return (triton.cdiv(n_slots, meta["BLOCK_N"]) + triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+
+    launcher(prefix_attention_bwd_kv_kernel)[kv_grid](
+        q, k, v, pk, pv, ids if ids is not None else q, lens if lens is not None else q, pad, grad_out, lse,
+        delta, dk, dv, grad_pk, grad_pv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        Hq, Hkv, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *buckets,
+        DETERMINISTIC=deterministic, **flags)
+
+    def dq_grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+
+    launcher(prefix_attention_bwd_dq_kernel)[dq_grid](
+        q, k, v, pk, pv, ids if ids is not None else q, lens if lens is not None else q, pad, grad_out, lse,
+        delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *buckets, **flags)
+
+    if n_slots > 0:
+        if deterministic:
+            block_s = 16 if block_d >= 256 else 32
+            for partial, dst in ((grad_pk, dprefix_k), (grad_pv, dprefix_v)):
+                launcher(reduce_prefix_grads_kernel)[(P * Hkv, triton.cdiv(n_slots, block_s))](
+                    partial, ids if ids is not None else q, lens if lens is not None else q, dst, B, Hkv,
+                    n_slots, D, HAS_IDS=ids is not None, HAS_LENS=lens is not None, BLOCK_S=block_s,
+                    BLOCK_D=block_d)
+        else:
+            dprefix_k.copy_(grad_pk)
+            dprefix_v.copy_(grad_pv)
+    return dq, dk, dv, dprefix_k, dprefix_v

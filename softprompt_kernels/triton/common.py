@@ -1,0 +1,82 @@
+"""Shared pieces of the Triton prefix-attention kernels: availability, launch wrapper, tuning spaces."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # the package works without triton; the backend reports why it is missing
+    triton = None
+    tl = None
+    TRITON_IMPORT_ERROR = f"triton is not installed ({exc})"
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launcher(kernel):
+    """The kernel as torch.compile can trace it (wrap_triton), or as is under the interpreter."""
+    if interpreting():
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def head_block(head_dim: int) -> int:
+    """Head dims are padded to a power of two >= 16 inside the kernels (80 -> 128, 96 -> 128)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def length_bucket(length: int) -> int:
+    """Autotuning key for a length: powers of two from 64 to 16384, so first use tunes a handful of keys."""
+    return min(16384, max(64, triton.next_power_of_2(max(length, 1))))
+
+
+# Small blocks under the interpreter, so that tests at small shapes still cross block boundaries.
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def autotune_configs(space_by_head_block: Dict[int, List[dict]]) -> list:
+    """All configs of a tuning space (one entry per padded head dim), as triton.Config objects."""
+    if interpreting():
+        return [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=4, num_stages=1)]
+    seen, out = set(), []
+    for space in space_by_head_block.values():
+        for c in space:
+            key = _config_key(c)
+            if key not in seen:
+                seen.add(key)
+                out.append(_to_config(c))
+    return out
+
+
+def prune_by_head_block(space_by_head_block: Dict[int, List[dict]]):
+    """early_config_prune hook: only the configs listed for the call's padded head dim (BLOCK_D)."""
+
+    def prune(configs_in, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        allowed = {_config_key(c) for c in space_by_head_block.get(block_d, [])}
+        kept = [c for c in configs_in
+                if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in allowed]
+        return kept or list(configs_in[:1])
+
+    return prune
+
+
+def _config_key(c: dict):
+    blocks = tuple(sorted((k, v) for k, v in c.items() if k not in ("num_warps", "num_stages")))
+    return blocks, c["num_warps"], c["num_stages"]
+
+
+def _to_config(c: dict):
+    blocks = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+    return triton.Config(blocks, num_warps=c["num_warps"], num_stages=c["num_stages"])

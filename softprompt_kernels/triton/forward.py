@@ -1,0 +1,234 @@
+"""Triton forward of prefix attention (FlashAttention-2 style, written for this op).
+
+One program = one block of BLOCK_M queries of one (row, q head). It streams first
+the valid prefix slots of the row's prompt (never causally masked), then the row's
+visible sequence keys: blocks wholly below the causal diagonal run without masks,
+only the diagonal (and, with padding, every block) is masked; blocks above it are
+never visited. Online softmax in fp32 in base 2; out and lse (natural log) written.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .common import (LOG2E, autotune_configs, head_block, launcher, length_bucket,
+                     prune_by_head_block, tl, triton)
+
+# Tuning space per padded head dim: small, so that first use tunes in seconds.
+FWD_SPACE = {
+    16: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    32: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    128: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    256: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)],
+}
+
+
+@triton.jit
+def load_rows(ptrs, offs_rows, n_rows, offs_d, D, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Loads a [rows, BLOCK_D] tile, masking rows >= n_rows and columns >= D only where needed."""
+    if MASK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=(offs_rows < n_rows)[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(offs_rows < n_rows)[:, None] & (offs_d < D)[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, end,
+                       q_pos, causal_shift, pad_base, stride_pn, D, scale_log2,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                       EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online-softmax update over keys [start, end). MASKED: bounds (and causal, if CAUSAL) masks."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, end, offs_d, D,
+                      MASKED, EVEN_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            keep = (offs_n < end)[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= q_pos[:, None] + causal_shift)
+            qk = tl.where(keep, qk, float("-inf"))
+        if HAS_PADDING:
+            real = tl.load(pad_base + offs_n * stride_pn, mask=offs_n < end, other=0) != 0
+            qk = tl.where(real[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, end, offs_d, D,
+                      MASKED, EVEN_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr):
+    """(prompt id, number of its valid prefix slots) of row b; -1 and 0 when the row has none."""
+    if HAS_IDS:
+        prompt = tl.load(PROMPT_IDS + b).to(tl.int32)
+    else:
+        prompt = tl.full([], 0, tl.int32)
+    if HAS_LENS:
+        n_slots = tl.load(PREFIX_LENS + tl.maximum(prompt, 0)).to(tl.int32)
+    else:
+        n_slots = tl.full([], K_SLOTS, tl.int32)
+    n_slots = tl.where(prompt >= 0, n_slots, 0)
+    return prompt, n_slots
+
+
+@triton.autotune(configs=autotune_configs(FWD_SPACE),
+                 key=["BLOCK_D", "CAUSAL", "HAS_PADDING", "DOT_PRECISION", "lq_bucket", "lk_bucket"],
+                 prune_configs_by={"early_config_prune": prune_by_head_block(FWD_SPACE)})
+@triton.jit
+def prefix_attention_fwd_kernel(
+    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, OUT, LSE,
+    stride_qb, stride_qh, stride_qm,     # q           [B, Hq, Lq, D]
+    stride_kb, stride_kh, stride_kn,     # k           [B, Hkv, Lk, D]
+    stride_vb, stride_vh, stride_vn,     # v           [B, Hkv, Lk, D]
+    stride_pkp, stride_pkh, stride_pkn,  # prefix_k    [P, Hkv, K, D]
+    stride_pvp, stride_pvh, stride_pvn,  # prefix_v    [P, Hkv, K, D]
+    stride_pb, stride_pn,                # padding     [B, Lk] uint8 (1 = real token)
+    stride_ob, stride_oh, stride_om,     # out         [B, Hq, Lq, D]; lse [B, Hq, Lq] contiguous fp32
+    Hq, Lq, Lk, K_SLOTS, D, group, scale_log2,
+    lq_bucket, lk_bucket,                # autotuning keys only
+    HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // group).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                  offs_m, Lq, offs_d, D, True, EVEN_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # The prompt's prefix: visible to every query of the row.
+    prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
+    prompt = tl.maximum(prompt, 0).to(tl.int64)
+    pk_base = PK + prompt * stride_pkp + kvh * stride_pkh
+    pv_base = PV + prompt * stride_pvp + kvh * stride_pvh
+    full_slots = (n_slots // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, 0,
+                                       full_slots, offs_m, 0, PADDING, 0, D, scale_log2, False, False,
+                                       False, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn,
+                                       full_slots, n_slots, offs_m, 0, PADDING, 0, D, scale_log2, True,
+                                       False, False, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+
+    # The row's own keys: unmasked blocks below the diagonal, then the masked diagonal band.
+    causal_shift = Lk - Lq
+    if CAUSAL:
+        free_end = tl.minimum(start_m * BLOCK_M + causal_shift + 1, Lk)
+        hi = tl.minimum((start_m + 1) * BLOCK_M + causal_shift, Lk)
+    else:
+        free_end = Lk
+        hi = Lk
+    free_end = (free_end // BLOCK_N) * BLOCK_N
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    pad_base = PADDING + b * stride_pb
+    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, free_end,
+                                       offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, False,
+                                       CAUSAL, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, free_end, hi,
+                                       offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, True,
+                                       CAUSAL, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634,
+                   float("-inf"))
+    out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (no TF32), so fp32 results match the fp32 contract."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def padding_view(mask: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """The bool mask as uint8 without a copy (or a dummy), with its strides."""
+    if mask is None:
+        return like, 0, 0
+    view = mask.view(torch.uint8)
+    return view, view.stride(0), view.stride(1)
+
+
+def usable_prefix(q, prefix_k, prefix_v, prompt_ids, prefix_lens):
+    """(prefix_k, prefix_v, prompt_ids, prefix_lens, K) for the kernels.
+
+    An empty bank (P = 0 or K = 0) becomes "no row has a prefix" (K = 0) with q standing in for
+    the prefix pointers, so that no empty tensor reaches a kernel.
+    """
+    if prefix_k.numel() > 0:
+        return prefix_k, prefix_v, prompt_ids, prefix_lens, prefix_k.shape[2]
+    return q, q, None, None, 0
+
+
+def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
+                         causal: bool, scale: float):
+    """Launches the forward kernel. Returns out [B, Hq, Lq, D] (laid out [B, Lq, Hq, D]) and lse fp32."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    pad, stride_pb, stride_pn = padding_view(key_padding_mask, q)
+    prefix_k, prefix_v, prompt_ids, prefix_lens, n_slots = usable_prefix(q, prefix_k, prefix_v, prompt_ids,
+                                                                          prefix_lens)
+    block_d = head_block(D)
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+
+    launcher(prefix_attention_fwd_kernel)[grid](
+        q, k, v, prefix_k, prefix_v,
+        prompt_ids if prompt_ids is not None else q, prefix_lens if prefix_lens is not None else q, pad,
+        out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+        stride_pb, stride_pn,
+        out.stride(0), out.stride(1), out.stride(2),
+        Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale * LOG2E,
+        length_bucket(Lq), length_bucket(Lk),
+        HAS_IDS=prompt_ids is not None, HAS_LENS=prefix_lens is not None,
+        HAS_PADDING=key_padding_mask is not None, CAUSAL=causal,
+        BLOCK_D=block_d, EVEN_D=block_d == D, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return out, lse
