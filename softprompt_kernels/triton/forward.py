@@ -63,11 +63,12 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, s
         k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, end, offs_d, D,
                       MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-        if MASKED:
-            keep = (offs_n < end)[None, :]
+        if MASKED:  # one comparison per score: the row's last visible key (bounds and causality)
             if CAUSAL:
-                keep = keep & (offs_n[None, :] <= q_pos[:, None] + causal_shift)
-            qk = tl.where(keep, qk, float("-inf"))
+                last_key = tl.minimum(q_pos + causal_shift, end - 1)
+                qk = tl.where(offs_n[None, :] <= last_key[:, None], qk, float("-inf"))
+            else:
+                qk = tl.where((offs_n < end)[None, :], qk, float("-inf"))
         if HAS_PADDING:
             real = tl.load(pad_base + offs_n * stride_pn, mask=offs_n < end, other=0) != 0
             qk = tl.where(real[None, :], qk, float("-inf"))

@@ -1,0 +1,1 @@
+"""Benchmark harness and cases (run from a source checkout: ``python -m benchmarks.run``)."""

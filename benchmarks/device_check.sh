@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (see ../shared/DEVICE.md): build, GPU tests, benchmarks.
+# Writes env.txt, build.log, gpu_tests.log, the suite's JSON/PNG and bench.log under $OUT and
+# prints a short summary table last. Usage (from the repo root):
+#   OUT=/tmp/out bash benchmarks/device_check.sh [suite]
+set -uo pipefail
+OUT=${OUT:-$(pwd)/device-out}
+SUITE=${1:-gpu}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null || true
+} 2>&1 | tee "$OUT/env.txt"
+
+start=$(date +%s)
+if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -x -m gpu tests/test_triton_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+echo "tests done at $(( $(date +%s) - start )) s"
+
+timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.run --suite "$SUITE" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -70
+echo "all done at $(( $(date +%s) - start )) s"

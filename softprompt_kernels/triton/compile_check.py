@@ -1,0 +1,188 @@
+"""Ahead-of-time GPU compilation of every Triton kernel configuration, on a machine without a GPU.
+
+The interpreter accepts programs the GPU compiler rejects; this closes that gap. Each kernel
+is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` in every
+configuration its autotuner may pick, and the cubin is read with the cuobjdump bundled with
+Triton (``--dump-resource-usage``). The check fails on a compile error, on local memory or a
+stack frame (spills), on shared memory over the target's limit, and when an sm_90 attention
+kernel does not use ``wgmma``. One line is printed per kernel and configuration.
+
+    python -m softprompt_kernels.triton.compile_check [--arch 90,80] [--jobs N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+# Shared memory one block may use (opt-in maximum), bytes.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+HEAD_DIMS = {16: 16, 32: 32, 64: 64, 80: 128, 96: 128, 128: 128, 256: 256}  # head dim -> padded BLOCK_D
+
+
+@dataclass
+class Job:
+    kernel: str
+    arch: int
+    dtype: str
+    head_dim: int
+    blocks: Dict[str, int]
+    num_warps: int
+    num_stages: int
+    flags: Dict[str, object] = field(default_factory=dict)
+
+    def label(self) -> str:
+        blocks = " ".join(f"{k}={v}" for k, v in self.blocks.items())
+        return (f"{self.kernel:<14} sm_{self.arch} {self.dtype:<4} D={self.head_dim:<3} {blocks:<22} "
+                f"warps={self.num_warps} stages={self.num_stages}")
+
+
+_POINTERS = {
+    "fwd": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
+            "PADDING": "*u8", "OUT": "T", "LSE": "*fp32"},
+    "bwd_kv": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
+               "PADDING": "*u8", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32", "DK": "T", "DV": "T",
+               "DPK": "*fp32", "DPV": "*fp32"},
+    "bwd_dq": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
+               "PADDING": "*u8", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "T"},
+    "delta": {"OUT": "T", "DO": "T", "GRAD_LSE": "*fp32", "DELTA": "*fp32"},
+    "reduce": {"PARTIAL": "*fp32", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64", "OUT": "T"},
+}
+_FLOAT_SCALARS = {"scale", "scale_log2"}
+_WGMMA_KERNELS = {"fwd", "bwd_kv", "bwd_dq"}
+
+
+def _kernels():
+    from . import backward, forward
+
+    return {"fwd": forward.prefix_attention_fwd_kernel, "bwd_kv": backward.prefix_attention_bwd_kv_kernel,
+            "bwd_dq": backward.prefix_attention_bwd_dq_kernel, "delta": backward.delta_kernel,
+            "reduce": backward.reduce_prefix_grads_kernel}
+
+
+def _jit_fn(kernel):
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):  # unwrap the autotuner
+        kernel = kernel.fn
+    return kernel
+
+
+def jobs_for(archs: List[int], dtypes: List[str]) -> List[Job]:
+    from .backward import BWD_SPACE, DQ_SPACE
+    from .forward import FWD_SPACE
+
+    spaces = {"fwd": FWD_SPACE, "bwd_kv": BWD_SPACE, "bwd_dq": DQ_SPACE}
+    attention_flags = dict(HAS_IDS=True, HAS_LENS=True, HAS_PADDING=True, CAUSAL=True)
+    jobs = []
+    for arch in archs:
+        for dtype in dtypes:
+            for head_dim, block_d in HEAD_DIMS.items():
+                common = dict(BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                for kernel, space in spaces.items():
+                    for c in space[block_d]:
+                        blocks = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+                        flags = dict(attention_flags, **common)
+                        if kernel == "bwd_kv":
+                            flags["DETERMINISTIC"] = False  # atomics: the heavier variant
+                        jobs.append(Job(kernel, arch, dtype, head_dim, blocks, c["num_warps"], c["num_stages"],
+                                        flags))
+                jobs.append(Job("delta", arch, dtype, head_dim, {"BLOCK_M": 64 if block_d <= 128 else 32},
+                                4, 1, dict(HAS_GRAD_LSE=True, BLOCK_D=block_d)))
+                jobs.append(Job("reduce", arch, dtype, head_dim, {"BLOCK_S": 16 if block_d >= 256 else 32}, 4, 1,
+                                dict(HAS_IDS=True, HAS_LENS=True, BLOCK_D=block_d)))
+    return jobs
+
+
+def _signature(fn, kernel: str, dtype: str, constexprs: Dict[str, object]) -> Dict[str, str]:
+    pointers = _POINTERS[kernel]
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = f"*{dtype}" if pointers[name] == "T" else pointers[name]
+        else:
+            sig[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
+    return sig
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        match = re.search(rf"\b{key}:(\d+)", text)
+        usage[key] = int(match.group(1)) if match else 0
+    return usage
+
+
+def compile_job(job: Job) -> Tuple[Job, Optional[str], str]:
+    """Returns (job, failure or None, summary line)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_fn(_kernels()[job.kernel])
+    constexprs = dict(job.flags, **job.blocks)
+    try:
+        src = ASTSource(fn, _signature(fn, job.kernel, job.dtype, constexprs), constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                                  options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+    except Exception as exc:  # noqa: BLE001 - any compiler failure fails the check
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return job, f"compile error: {first}", f"{job.label()}  FAILED to compile"
+    usage = resource_usage(compiled.asm["cubin"])
+    shared = max(usage["SHARED"], int(compiled.metadata.shared))
+    wgmma = "wgmma" in compiled.asm["ptx"]
+    line = (f"{job.label()}  regs={usage['REG']:<3} stack={usage['STACK']:<4} local={usage['LOCAL']:<4} "
+            f"shared={shared:<6} wgmma={'yes' if wgmma else 'no'}")
+    problems = []
+    if usage["LOCAL"] or usage["STACK"]:
+        problems.append(f"spills or local memory (stack {usage['STACK']}, local {usage['LOCAL']})")
+    if shared > SHARED_LIMIT.get(job.arch, 101376):
+        problems.append(f"shared memory {shared} > {SHARED_LIMIT.get(job.arch)}")
+    if job.arch >= 90 and job.kernel in _WGMMA_KERNELS and not wgmma:
+        problems.append("no wgmma in the sm_90 attention kernel")
+    return job, ("; ".join(problems) or None), line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="90,80", help="compute capabilities, comma separated")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    from .common import interpreting
+
+    if interpreting():
+        parser.error("unset TRITON_INTERPRET: the kernels were defined for the interpreter, not the GPU compiler")
+    jobs = jobs_for([int(a) for a in args.arch.split(",")], args.dtypes.split(","))
+    failures = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for job, failure, line in pool.map(compile_job, jobs):
+            print(line + (f"  <-- {failure}" if failure else ""), flush=True)
+            if failure:
+                failures.append((job, failure))
+    print(f"\n{len(jobs)} kernel configurations compiled, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Triton backend on a CUDA GPU (skipped without one): FlashAttention's tolerance rule in fp16/bf16
+at realistic sizes for the output and all five gradients, determinism, torch.compile."""
+import pytest
+import torch
+
+import softprompt_kernels as sk
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [
+    # B, Hq, Hkv, Lq, Lk, P, K, D, causal, padded, multi-prompt
+    (2, 8, 2, 512, 512, 1, 128, 128, True, False, False),
+    (4, 8, 8, 300, 300, 3, 77, 64, True, True, True),
+    (2, 4, 1, 1, 1000, 2, 16, 128, True, True, True),      # decode
+    (2, 4, 2, 257, 257, 1, 0, 80, False, True, False),     # K = 0, D not a power of two
+    (1, 4, 2, 130, 130, 2, 33, 256, True, False, True),
+]
+
+
+def _inputs(shape, dtype, seed=0):
+    B, Hq, Hkv, Lq, Lk, P, K, D, causal, padded, multi = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*s):
+        return torch.randn(*s, device="cuda", generator=gen, dtype=torch.float32)
+
+    tensors = [rand(B, Lq, Hq, D).transpose(1, 2), rand(B, Lk, Hkv, D).transpose(1, 2),
+               rand(B, Lk, Hkv, D).transpose(1, 2), rand(P, Hkv, K, D), rand(P, Hkv, K, D)]
+    kwargs = {"causal": causal}
+    if multi:
+        kwargs["prompt_ids"] = (torch.arange(B, device="cuda") % (P + 1)) - 1  # includes -1
+        kwargs["prefix_lens"] = torch.randint(0, K + 1, (P,), device="cuda", generator=gen)
+    if padded:
+        lengths = torch.randint(Lk // 2, Lk + 1, (B,), device="cuda", generator=gen)
+        kwargs["key_padding_mask"] = torch.arange(Lk, device="cuda")[None, :] >= (Lk - lengths[:, None])  # left pad
+    grad = torch.randn(B, Hq, Lq, D, device="cuda", generator=gen)
+    return [t.to(dtype).requires_grad_() for t in tensors], kwargs, grad.to(dtype)
+
+
+def _run(backend, tensors, kwargs, grad):
+    out = sk.prefix_attention(*tensors, **kwargs, backend=backend)
+    grads = torch.autograd.grad(out, tensors, grad)
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:8])))
+def test_flash_attention_tolerance_rule(shape, dtype):
+    tensors, kwargs, grad = _inputs(shape, dtype)
+    ref_inputs = [t.detach().float().requires_grad_() for t in tensors]
+    reference = _run("torch", ref_inputs, kwargs, grad.float())
+    ours = _run("triton", tensors, kwargs, grad)
+    baseline = _run("torch", tensors, kwargs, grad)
+    names = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
+    for name, a, b, ref in zip(names, ours, baseline, reference):
+        ours_err = (a.float() - ref).abs().max().item() if ref.numel() else 0.0
+        base_err = (b.float() - ref).abs().max().item() if ref.numel() else 0.0
+        floor = 1e-3 * max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+        assert ours_err <= 2 * base_err + floor, f"{name}: {ours_err:.3e} > 2 * {base_err:.3e} + {floor:.1e}"
+
+
+def test_float32_matches_float64_reference():
+    shape = (2, 4, 2, 100, 130, 2, 20, 64, True, True, True)
+    tensors, kwargs, grad = _inputs(shape, torch.float32)
+    ours = _run("triton", tensors, kwargs, grad)
+    reference = _run("torch", [t.detach().double().requires_grad_() for t in tensors], kwargs, grad.double())
+    for a, ref in zip(ours, reference):
+        scale = max(ref.abs().max().item(), 1e-6)
+        assert (a.double() - ref).abs().max().item() <= 1e-4 * scale
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    sk.set_prefix_grad_mode("deterministic")
+    tensors, kwargs, grad = _inputs((8, 8, 2, 256, 256, 2, 128, 128, True, True, True), torch.bfloat16)
+    first = _run("triton", tensors, kwargs, grad)
+    second = _run("triton", tensors, kwargs, grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_atomic_mode_matches_deterministic():
+    tensors, kwargs, grad = _inputs((8, 8, 2, 256, 256, 2, 128, 128, True, True, True), torch.bfloat16)
+    deterministic = _run("triton", tensors, kwargs, grad)
+    sk.set_prefix_grad_mode("atomic")
+    try:
+        atomic = _run("triton", tensors, kwargs, grad)
+    finally:
+        sk.set_prefix_grad_mode("deterministic")
+    for a, b in zip(atomic, deterministic):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_auto_picks_triton_on_cuda_and_compiles_fullgraph():
+    tensors, kwargs, grad = _inputs((2, 8, 2, 128, 128, 1, 16, 64, True, False, False), torch.bfloat16)
+    assert sk.resolve_backend(*tensors, **kwargs) == "triton"
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(q, k, v, pk, pv):
+        return sk.prefix_attention(q, k, v, pk, pv, **kwargs).float().square().sum()
+
+    loss = step(*tensors)
+    grads = torch.autograd.grad(loss, tensors)
+    eager = sk.prefix_attention(*tensors, **kwargs).float().square().sum()
+    eager_grads = torch.autograd.grad(eager, tensors)
+    torch.testing.assert_close(loss, eager, rtol=1e-3, atol=1e-3)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
