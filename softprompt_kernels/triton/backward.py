@@ -2,11 +2,11 @@
 
 Kernels (FlashAttention-2 decomposition, written for this op):
   delta   : delta = rowsum(out * grad_out) - grad_lse                      [B, Hq, Lq]
-  kv      : one program per block of keys of one (row, kv head). Sequence-key blocks
-            write dk/dv of that row; prefix-slot blocks write the row's share of the
-            prefix gradient: a per-row partial (deterministic mode) or an fp32
-            atomic add into the prompt's accumulator (atomic mode). All q heads of
-            the kv head's group are visited in the program: GQA without copies.
+  kv      : one program per block of sequence keys of one (row, kv head): dk, dv.
+  prefix  : one program per block of prefix slots of one row's prompt and kv head: the
+            row's share of the prefix gradient, as a per-row partial (deterministic
+            mode) or an fp32 atomic add into the prompt's accumulator (atomic mode).
+            Both visit every q head of the kv head's group: GQA without copies.
   dq      : one program per block of queries of one (row, q head), like the forward.
   reduce  : deterministic mode: prefix gradient of prompt p = sum of the partials of
             the rows that use p, in row order (bitwise reproducible).
@@ -16,36 +16,58 @@ from __future__ import annotations
 import torch
 
 from .common import (LOG2E, autotune_configs, head_block, launcher, length_bucket,
-                     prune_by_head_block, tl, triton)
+                     prune_by_head_block, remember_arch, tl, triton)
 from .forward import dot_precision, load_rows, padding_view, prompt_of_row, usable_prefix
 
+# Spill-free tuning spaces (see forward.FWD_SPACE); BWD_SPACE serves the kv and prefix kernels.
 BWD_SPACE = {
-    16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)],
-    32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)],
-    64: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)],
-    128: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-          dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-          dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)],
-    256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-          dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-          dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)],
+    16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+         dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",))],
+    32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+         dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
+         dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2, dtypes=("fp32",))],
+    64: [dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+         dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2),
+         dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)],
+    128: [dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=3),
+          dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)],
+    256: [dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2),
+          dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2),
+          dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)],
 }
 DQ_SPACE = {
-    16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",))],
     32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+         dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
+         dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2, dtypes=("fp32",))],
     64: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
-    128: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)],
-    256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-          dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)],
+    128: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
+          dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, archs=(90,)),
+          dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, archs=(80,))],
+    256: [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, archs=(80,)),
+          dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, archs=(80,))],
 }
+# The two memory-bound helper kernels run with fixed tiles (also verified by compile_check).
+DELTA_BLOCK = dict(BLOCK_M=32, num_warps=8)
+
+
+def reduce_block(block_d: int) -> int:
+    return 16 if block_d >= 256 else 32
+
+
 TUNING_KEY = ["BLOCK_D", "CAUSAL", "HAS_PADDING", "DOT_PRECISION", "lq_bucket", "lk_bucket"]
 
 
@@ -75,12 +97,16 @@ def delta_kernel(OUT, DO, GRAD_LSE, DELTA,
 
 @triton.jit
 def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                           q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
-                           MASK_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+                           q_lo, Lq, offs_n, key_real, causal_shift, D, scale_log2,
+                           CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Accumulates dk, dv [BLOCK_N, BLOCK_D] of one key block over queries [q_lo, q_hi) of one head."""
+    """Accumulates dk, dv [BLOCK_N, BLOCK_D] of one key block over queries [q_lo, Lq) of one head.
+
+    One loop with the masks applied in every step: a single copy of the body keeps the kernel
+    within the register file (no spills) at the tile sizes that feed the tensor cores well.
+    """
     offs_d = tl.arange(0, BLOCK_D)
-    for start_m in range(q_lo, q_hi, BLOCK_M):
+    for start_m in range(q_lo, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Lq, offs_d, D, True,
                       EVEN_D)
@@ -91,7 +117,7 @@ def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2 - lse2[None, :])
-        if MASK_CAUSAL:
+        if CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, p_t, 0.0)
         if HAS_KEY_MASK:
             p_t = tl.where(key_real[:, None], p_t, 0.0)
@@ -102,104 +128,106 @@ def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 
     return dk, dv
 
 
+@triton.autotune(configs=autotune_configs(BWD_SPACE), key=TUNING_KEY,
+                 prune_configs_by={"early_config_prune": prune_by_head_block(BWD_SPACE)})
+@triton.jit
+def prefix_attention_bwd_kv_kernel(
+    Q, K, V, PADDING, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm,     # q        [B, Hq, Lq, D]
+    stride_kb, stride_kh, stride_kn,     # k        [B, Hkv, Lk, D]
+    stride_vb, stride_vh, stride_vn,     # v        [B, Hkv, Lk, D]
+    stride_pb, stride_pn,                # padding  [B, Lk] uint8
+    stride_dob, stride_doh, stride_dom,  # grad_out [B, Hq, Lq, D]; lse, delta [B, Hq, Lq] fp32
+    stride_dkb, stride_dkh, stride_dkn,  # dk, dv   [B, Hkv, Lk, D] (same strides)
+    Hq, Hkv, Lq, Lk, D, group, scale, scale_log2,
+    lq_bucket, lk_bucket,
+    HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv of one block of sequence keys of one (row, kv head), over all q heads of its group."""
+    bkv = tl.program_id(1)
+    b = (bkv // Hkv).to(tl.int64)
+    kvh = (bkv % Hkv).to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                  offs_n, Lk, offs_d, D, True, EVEN_D)
+    v = load_rows(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                  offs_n, Lk, offs_d, D, True, EVEN_D)
+    key_real = offs_n < Lk
+    if HAS_PADDING:
+        key_real = tl.load(PADDING + b * stride_pb + offs_n * stride_pn, mask=offs_n < Lk, other=0) != 0
+    causal_shift = Lk - Lq
+    q_lo = 0
+    if CAUSAL:  # queries before start_n - shift see none of these keys
+        q_lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, group):
+        h = kvh * group + g
+        row = (b * Hq + h) * Lq
+        dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
+                                        DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row, stride_qm,
+                                        stride_dom, q_lo, Lq, offs_n, key_real, causal_shift, D, scale_log2,
+                                        CAUSAL, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
+    dk = dk * scale
+    dst = b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    seq_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
+    tl.store(DK + dst, dk.to(DK.dtype.element_ty), mask=seq_mask)
+    tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=seq_mask)
+
+
 @triton.autotune(configs=autotune_configs(BWD_SPACE), key=TUNING_KEY + ["DETERMINISTIC"],
                  prune_configs_by={"early_config_prune": prune_by_head_block(BWD_SPACE)},
                  reset_to_zero=["DPK", "DPV"])
 @triton.jit
-def prefix_attention_bwd_kv_kernel(
-    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, DO, LSE, DELTA, DK, DV, DPK, DPV,
+def prefix_attention_bwd_prefix_kernel(
+    Q, PK, PV, PROMPT_IDS, PREFIX_LENS, DO, LSE, DELTA, DPK, DPV,
     stride_qb, stride_qh, stride_qm,     # q        [B, Hq, Lq, D]
-    stride_kb, stride_kh, stride_kn,     # k        [B, Hkv, Lk, D]
-    stride_vb, stride_vh, stride_vn,     # v        [B, Hkv, Lk, D]
     stride_pkp, stride_pkh, stride_pkn,  # prefix_k [P, Hkv, K, D]
     stride_pvp, stride_pvh, stride_pvn,  # prefix_v [P, Hkv, K, D]
-    stride_pb, stride_pn,                # padding  [B, Lk] uint8
     stride_dob, stride_doh, stride_dom,  # grad_out [B, Hq, Lq, D]; lse, delta [B, Hq, Lq] fp32
-    stride_dkb, stride_dkh, stride_dkn,  # dk, dv   [B, Hkv, Lk, D] (same strides)
-    Hq, Hkv, Lq, Lk, K_SLOTS, D, group, scale, scale_log2,
+    Hq, Hkv, Lq, K_SLOTS, D, group, scale, scale_log2,
     lq_bucket, lk_bucket,
     # DPK/DPV: deterministic: per-row partials [B, Hkv, K, D] fp32; atomic: accumulators [P, Hkv, K, D] fp32
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
     DETERMINISTIC: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    block = tl.program_id(0)
+    """One row's share of the gradient of one block of its prompt's prefix slots (never masked)."""
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
-    n_prefix_blocks = tl.cdiv(K_SLOTS, BLOCK_N)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    causal_shift = Lk - Lq
-    if block < n_prefix_blocks:
-        prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
-        start_n = block * BLOCK_N
-        if start_n < n_slots:
-            prompt64 = prompt.to(tl.int64)
-            offs_n = start_n + offs_n0
-            k = load_rows(PK + prompt64 * stride_pkp + kvh * stride_pkh + offs_n[:, None] * stride_pkn
-                          + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
-            v = load_rows(PV + prompt64 * stride_pvp + kvh * stride_pvh + offs_n[:, None] * stride_pvn
-                          + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
-            for g in range(0, group):
-                h = kvh * group + g
-                row = (b * Hq + h) * Lq
-                dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
-                                                DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
-                                                stride_qm, stride_dom, 0, Lq, Lq, offs_n, offs_n, 0, D,
-                                                scale_log2, False, False, EVEN_D, DOT_PRECISION, BLOCK_M,
-                                                BLOCK_D)
-            dk = dk * scale
-            slot_mask = (offs_n < n_slots)[:, None] & (offs_d < D)[None, :]
-            if DETERMINISTIC:
-                dst = (b * Hkv + kvh) * K_SLOTS * D + offs_n[:, None] * D + offs_d[None, :]
-                tl.store(DPK + dst, dk, mask=slot_mask)
-                tl.store(DPV + dst, dv, mask=slot_mask)
-            else:
-                dst = (prompt64 * Hkv + kvh) * K_SLOTS * D + offs_n[:, None] * D + offs_d[None, :]
-                tl.atomic_add(DPK + dst, dk, mask=slot_mask)
-                tl.atomic_add(DPV + dst, dv, mask=slot_mask)
-    else:
-        start_n = (block - n_prefix_blocks) * BLOCK_N
-        offs_n = start_n + offs_n0
-        k = load_rows(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                      offs_n, Lk, offs_d, D, True, EVEN_D)
-        v = load_rows(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                      offs_n, Lk, offs_d, D, True, EVEN_D)
-        key_real = offs_n < Lk
-        if HAS_PADDING:
-            key_real = tl.load(PADDING + b * stride_pb + offs_n * stride_pn, mask=offs_n < Lk, other=0) != 0
-        # queries that see some key of this block start at start_n - shift; those at or past
-        # start_n + BLOCK_N - 1 - shift see the whole block (no causal mask needed)
-        q_lo = 0
-        q_free = 0
-        if CAUSAL:
-            q_lo = tl.maximum(start_n - causal_shift, 0)
-            q_lo = (q_lo // BLOCK_M) * BLOCK_M
-            q_free = tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0)
-            q_free = tl.minimum(tl.cdiv(q_free, BLOCK_M) * BLOCK_M, tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
-            q_free = tl.maximum(q_free, q_lo)
+    prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
+    start_n = tl.program_id(0) * BLOCK_N
+    if start_n < n_slots:
+        prompt64 = prompt.to(tl.int64)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        k = load_rows(PK + prompt64 * stride_pkp + kvh * stride_pkh + offs_n[:, None] * stride_pkn
+                      + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
+        v = load_rows(PV + prompt64 * stride_pvp + kvh * stride_pvh + offs_n[:, None] * stride_pvn
+                      + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, group):
             h = kvh * group + g
             row = (b * Hq + h) * Lq
-            q_base = Q + b * stride_qb + h * stride_qh
-            do_base = DO + b * stride_dob + h * stride_doh
-            if CAUSAL:
-                dk, dv = _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm,
-                                                stride_dom, q_lo, q_free, Lq, offs_n, key_real, causal_shift,
-                                                D, scale_log2, True, HAS_PADDING, EVEN_D, DOT_PRECISION,
-                                                BLOCK_M, BLOCK_D)
-            dk, dv = _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm,
-                                            stride_dom, q_free, Lq, Lq, offs_n, key_real, causal_shift, D,
-                                            scale_log2, False, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_M,
-                                            BLOCK_D)
+            dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
+                                            DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
+                                            stride_qm, stride_dom, 0, Lq, offs_n, offs_n, 0, D, scale_log2,
+                                            False, False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
         dk = dk * scale
-        dst = b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-        seq_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
-        tl.store(DK + dst, dk.to(DK.dtype.element_ty), mask=seq_mask)
-        tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=seq_mask)
+        slot_mask = (offs_n < n_slots)[:, None] & (offs_d < D)[None, :]
+        if DETERMINISTIC:
+            dst = (b * Hkv + kvh) * K_SLOTS * D + offs_n[:, None] * D + offs_d[None, :]
+            tl.store(DPK + dst, dk, mask=slot_mask)
+            tl.store(DPV + dst, dv, mask=slot_mask)
+        else:
+            dst = (prompt64 * Hkv + kvh) * K_SLOTS * D + offs_n[:, None] * D + offs_d[None, :]
+            tl.atomic_add(DPK + dst, dk, mask=slot_mask)
+            tl.atomic_add(DPV + dst, dv, mask=slot_mask)
 
 
 @triton.jit
@@ -336,21 +364,21 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
         return dq.zero_(), dk.zero_(), dv.zero_(), dprefix_k, dprefix_v
     if Lq == 0:
         return dq, dk.zero_(), dv.zero_(), dprefix_k, dprefix_v
+    remember_arch(q.device)
     block_d = head_block(D)
     common = dict(BLOCK_D=block_d, EVEN_D=block_d == D, DOT_PRECISION=dot_precision(q.dtype))
 
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    delta_block = 64 if block_d <= 128 else 32
-    launcher(delta_kernel)[(triton.cdiv(Lq, delta_block), B * Hq)](
+    launcher(delta_kernel)[(triton.cdiv(Lq, DELTA_BLOCK["BLOCK_M"]), B * Hq)](
         out, grad_out, grad_lse if grad_lse is not None else delta, delta,
         out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        Hq, Lq, D, HAS_GRAD_LSE=grad_lse is not None, BLOCK_M=delta_block, BLOCK_D=block_d)
+        Hq, Lq, D, HAS_GRAD_LSE=grad_lse is not None, BLOCK_M=DELTA_BLOCK["BLOCK_M"], BLOCK_D=block_d,
+        num_warps=DELTA_BLOCK["num_warps"])
 
     pad, stride_pb, stride_pn = padding_view(key_padding_mask, q)
     pk, pv, ids, lens, n_slots = usable_prefix(q, prefix_k, prefix_v, prompt_ids, prefix_lens)
     if n_slots == 0:
-        # never touched (no prefix block runs), but autotuning zeroes it: a dummy of its own
-        grad_pk = grad_pv = torch.zeros(1, dtype=torch.float32, device=q.device)
+        grad_pk = grad_pv = None  # no prefix kernel runs
     elif deterministic:
         grad_pk = torch.empty((B, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
         grad_pv = torch.empty_like(grad_pk)
@@ -366,13 +394,26 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
     buckets = (length_bucket(Lq), length_bucket(Lk))
 
     def kv_grid(meta):
-        return (triton.cdiv(n_slots, meta["BLOCK_N"]) + triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+        return (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
 
     launcher(prefix_attention_bwd_kv_kernel)[kv_grid](
-        q, k, v, pk, pv, ids if ids is not None else q, lens if lens is not None else q, pad, grad_out, lse,
-        delta, dk, dv, grad_pk, grad_pv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        Hq, Hkv, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *buckets,
-        DETERMINISTIC=deterministic, **flags)
+        q, k, v, pad, grad_out, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), stride_pb, stride_pn,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        Hq, Hkv, Lq, Lk, D, Hq // Hkv, scale, scale * LOG2E, *buckets,
+        HAS_PADDING=key_padding_mask is not None, CAUSAL=causal, **common)
+
+    if n_slots > 0:
+        def prefix_grid(meta):
+            return (triton.cdiv(n_slots, meta["BLOCK_N"]), B * Hkv)
+
+        launcher(prefix_attention_bwd_prefix_kernel)[prefix_grid](
+            q, pk, pv, ids if ids is not None else q, lens if lens is not None else q, grad_out, lse, delta,
+            grad_pk, grad_pv, q.stride(0), q.stride(1), q.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
+            pv.stride(0), pv.stride(1), pv.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            Hq, Hkv, Lq, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *buckets, DETERMINISTIC=deterministic,
+            **flags)
 
     def dq_grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
@@ -384,7 +425,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
 
     if n_slots > 0:
         if deterministic:
-            block_s = 16 if block_d >= 256 else 32
+            block_s = reduce_block(block_d)
             for partial, dst in ((grad_pk, dprefix_k), (grad_pv, dprefix_v)):
                 launcher(reduce_prefix_grads_kernel)[(P * Hkv, triton.cdiv(n_slots, block_s))](
                     partial, ids if ids is not None else q, lens if lens is not None else q, dst, B, Hkv,

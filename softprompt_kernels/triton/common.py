@@ -45,14 +45,48 @@ def length_bucket(length: int) -> int:
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
+_NOT_BLOCKS = ("num_warps", "num_stages", "archs", "dtypes")
+ALL_ARCHS = (80, 90)
+HALF_DTYPES = ("bf16", "fp16")  # a config's default dtypes; float32 entries name ("fp32",)
+# float32 runs on tiles without tensor-core-friendly shapes; only these padded head dims have
+# spill-free float32 tiles for every kernel (compile_check), larger ones are refused.
+FP32_HEAD_BLOCKS = (16, 32)
+
+
+def dtype_family(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+_ARCH_FAMILY: Dict[int, int] = {}
+
+
+def remember_arch(device: torch.device) -> None:
+    """Records the GPU family of a device (launchers call it eagerly, so that the pruning hook,
+    which torch.compile may trace, only reads a dict)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _ARCH_FAMILY:
+            major, _ = torch.cuda.get_device_capability(index)
+            # spaces are verified (compile_check) for sm_80 and sm_90; newer parts use sm_90's
+            _ARCH_FAMILY[index] = 90 if major >= 9 else 80
+
+
+def arch_family(device: torch.device) -> int:
+    return _ARCH_FAMILY.get(device.index if device.index is not None else 0, 90)
+
+
 def autotune_configs(space_by_head_block: Dict[int, List[dict]]) -> list:
-    """All configs of a tuning space (one entry per padded head dim), as triton.Config objects."""
+    """All configs of a tuning space (head dim -> configs), as triton.Config objects.
+
+    A config may name the architectures (``archs``; default both) and the dtypes (``dtypes``;
+    default bf16 and fp16) it is verified for.
+    """
     if interpreting():
         return [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=4, num_stages=1)]
     seen, out = set(), []
     for space in space_by_head_block.values():
         for c in space:
-            key = _config_key(c)
+            key = config_key(c)
             if key not in seen:
                 seen.add(key)
                 out.append(_to_config(c))
@@ -60,11 +94,14 @@ def autotune_configs(space_by_head_block: Dict[int, List[dict]]) -> list:
 
 
 def prune_by_head_block(space_by_head_block: Dict[int, List[dict]]):
-    """early_config_prune hook: only the configs listed for the call's padded head dim (BLOCK_D)."""
+    """early_config_prune hook: the configs listed for the call's padded head dim, GPU family and dtype."""
 
     def prune(configs_in, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        allowed = {_config_key(c) for c in space_by_head_block.get(block_d, [])}
+        tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))  # the first: q or out
+        family, dtype = arch_family(tensor.device), dtype_family(tensor.dtype)
+        allowed = {config_key(c) for c in space_by_head_block.get(block_d, [])
+                   if family in c.get("archs", ALL_ARCHS) and dtype in c.get("dtypes", HALF_DTYPES)}
         kept = [c for c in configs_in
                 if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in allowed]
         return kept or list(configs_in[:1])
@@ -72,11 +109,11 @@ def prune_by_head_block(space_by_head_block: Dict[int, List[dict]]):
     return prune
 
 
-def _config_key(c: dict):
-    blocks = tuple(sorted((k, v) for k, v in c.items() if k not in ("num_warps", "num_stages")))
+def config_key(c: dict):
+    blocks = tuple(sorted((k, v) for k, v in c.items() if k not in _NOT_BLOCKS))
     return blocks, c["num_warps"], c["num_stages"]
 
 
 def _to_config(c: dict):
-    blocks = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+    blocks = {k: v for k, v in c.items() if k not in _NOT_BLOCKS}
     return triton.Config(blocks, num_warps=c["num_warps"], num_stages=c["num_stages"])

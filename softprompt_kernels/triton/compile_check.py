@@ -5,7 +5,8 @@ is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 3
 configuration its autotuner may pick, and the cubin is read with the cuobjdump bundled with
 Triton (``--dump-resource-usage``). The check fails on a compile error, on local memory or a
 stack frame (spills), on shared memory over the target's limit, and when an sm_90 attention
-kernel does not use ``wgmma``. One line is printed per kernel and configuration.
+kernel in bf16/fp16 with head dim <= 128 does not use ``wgmma`` (float32 tiles and head dim 256
+run on mma.sync: see forward.FWD_SPACE). One line is printed per kernel and configuration.
 
     python -m softprompt_kernels.triton.compile_check [--arch 90,80] [--jobs N]
 """
@@ -23,7 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 # Shared memory one block may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-HEAD_DIMS = {16: 16, 32: 32, 64: 64, 80: 128, 96: 128, 128: 128, 256: 256}  # head dim -> padded BLOCK_D
+# head dim -> padded BLOCK_D; 80 stands for every head dim padded to 128 (96 compiles identically)
+HEAD_DIMS = {16: 16, 32: 32, 64: 64, 80: 128, 128: 128, 256: 256}
 
 
 @dataclass
@@ -46,22 +48,24 @@ class Job:
 _POINTERS = {
     "fwd": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
             "PADDING": "*u8", "OUT": "T", "LSE": "*fp32"},
-    "bwd_kv": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
-               "PADDING": "*u8", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32", "DK": "T", "DV": "T",
-               "DPK": "*fp32", "DPV": "*fp32"},
+    "bwd_kv": {"Q": "T", "K": "T", "V": "T", "PADDING": "*u8", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32",
+               "DK": "T", "DV": "T"},
+    "bwd_prefix": {"Q": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64", "DO": "T",
+                   "LSE": "*fp32", "DELTA": "*fp32", "DPK": "*fp32", "DPV": "*fp32"},
     "bwd_dq": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
                "PADDING": "*u8", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "T"},
     "delta": {"OUT": "T", "DO": "T", "GRAD_LSE": "*fp32", "DELTA": "*fp32"},
     "reduce": {"PARTIAL": "*fp32", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64", "OUT": "T"},
 }
 _FLOAT_SCALARS = {"scale", "scale_log2"}
-_WGMMA_KERNELS = {"fwd", "bwd_kv", "bwd_dq"}
+_WGMMA_KERNELS = {"fwd", "bwd_kv", "bwd_prefix", "bwd_dq"}
 
 
 def _kernels():
     from . import backward, forward
 
     return {"fwd": forward.prefix_attention_fwd_kernel, "bwd_kv": backward.prefix_attention_bwd_kv_kernel,
+            "bwd_prefix": backward.prefix_attention_bwd_prefix_kernel,
             "bwd_dq": backward.prefix_attention_bwd_dq_kernel, "delta": backward.delta_kernel,
             "reduce": backward.reduce_prefix_grads_kernel}
 
@@ -75,10 +79,11 @@ def _jit_fn(kernel):
 
 
 def jobs_for(archs: List[int], dtypes: List[str]) -> List[Job]:
-    from .backward import BWD_SPACE, DQ_SPACE
+    from .backward import BWD_SPACE, DELTA_BLOCK, DQ_SPACE, reduce_block
+    from .common import ALL_ARCHS, FP32_HEAD_BLOCKS, HALF_DTYPES
     from .forward import FWD_SPACE
 
-    spaces = {"fwd": FWD_SPACE, "bwd_kv": BWD_SPACE, "bwd_dq": DQ_SPACE}
+    spaces = {"fwd": FWD_SPACE, "bwd_kv": BWD_SPACE, "bwd_prefix": BWD_SPACE, "bwd_dq": DQ_SPACE}
     attention_flags = dict(HAS_IDS=True, HAS_LENS=True, HAS_PADDING=True, CAUSAL=True)
     jobs = []
     for arch in archs:
@@ -88,15 +93,18 @@ def jobs_for(archs: List[int], dtypes: List[str]) -> List[Job]:
                               DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
                 for kernel, space in spaces.items():
                     for c in space[block_d]:
-                        blocks = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+                        if arch not in c.get("archs", ALL_ARCHS) or dtype not in c.get("dtypes", HALF_DTYPES):
+                            continue  # the autotuner never picks it for this architecture / dtype
+                        blocks = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages", "archs", "dtypes")}
                         flags = dict(attention_flags, **common)
-                        if kernel == "bwd_kv":
-                            flags["DETERMINISTIC"] = False  # atomics: the heavier variant
+                        flags["DETERMINISTIC"] = False  # atomics: the heavier variant (prefix kernel)
                         jobs.append(Job(kernel, arch, dtype, head_dim, blocks, c["num_warps"], c["num_stages"],
                                         flags))
-                jobs.append(Job("delta", arch, dtype, head_dim, {"BLOCK_M": 64 if block_d <= 128 else 32},
-                                4, 1, dict(HAS_GRAD_LSE=True, BLOCK_D=block_d)))
-                jobs.append(Job("reduce", arch, dtype, head_dim, {"BLOCK_S": 16 if block_d >= 256 else 32}, 4, 1,
+                if dtype == "fp32" and block_d not in FP32_HEAD_BLOCKS:
+                    continue  # the backend refuses float32 at this head dim
+                jobs.append(Job("delta", arch, dtype, head_dim, {"BLOCK_M": DELTA_BLOCK["BLOCK_M"]},
+                                DELTA_BLOCK["num_warps"], 1, dict(HAS_GRAD_LSE=True, BLOCK_D=block_d)))
+                jobs.append(Job("reduce", arch, dtype, head_dim, {"BLOCK_S": reduce_block(block_d)}, 4, 1,
                                 dict(HAS_IDS=True, HAS_LENS=True, BLOCK_D=block_d)))
     return jobs
 
@@ -140,7 +148,7 @@ def compile_job(job: Job) -> Tuple[Job, Optional[str], str]:
     from triton.compiler import ASTSource
 
     fn = _jit_fn(_kernels()[job.kernel])
-    constexprs = dict(job.flags, **job.blocks)
+    constexprs = {k: v for k, v in dict(job.flags, **job.blocks).items() if k in fn.arg_names}
     try:
         src = ASTSource(fn, _signature(fn, job.kernel, job.dtype, constexprs), constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
@@ -158,7 +166,8 @@ def compile_job(job: Job) -> Tuple[Job, Optional[str], str]:
         problems.append(f"spills or local memory (stack {usage['STACK']}, local {usage['LOCAL']})")
     if shared > SHARED_LIMIT.get(job.arch, 101376):
         problems.append(f"shared memory {shared} > {SHARED_LIMIT.get(job.arch)}")
-    if job.arch >= 90 and job.kernel in _WGMMA_KERNELS and not wgmma:
+    if job.arch >= 90 and job.kernel in _WGMMA_KERNELS and job.dtype != "fp32" and job.head_dim <= 128 \
+            and not wgmma:
         problems.append("no wgmma in the sm_90 attention kernel")
     return job, ("; ".join(problems) or None), line
 

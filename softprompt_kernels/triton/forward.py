@@ -13,23 +13,32 @@ from typing import Optional, Tuple
 import torch
 
 from .common import (LOG2E, autotune_configs, head_block, launcher, length_bucket,
-                     prune_by_head_block, tl, triton)
+                     prune_by_head_block, remember_arch, tl, triton)
 
-# Tuning space per padded head dim: small, so that first use tunes in seconds.
+# Tuning space per padded head dim (BLOCK_D). Every entry compiles without register spills
+# for the GPU families it names (default sm_80 and sm_90) and the dtypes it names (default
+# bf16 and fp16): `python -m softprompt_kernels.triton.compile_check` verifies it in CI.
 FWD_SPACE = {
-    16: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
-    32: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
-    64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
-    128: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
-    256: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)],
+    16: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",))],
+    32: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
+         dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2, dtypes=("fp32",))],
+    64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)],
+    128: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+          dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, archs=(80,))],
+    # sm_90 at head dim 256: no wgmma-sized tile fits the register file (all spilled), mma.sync tiles do
+    256: [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, archs=(80,)),
+          dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, archs=(80,))],
 }
 
 
@@ -207,6 +216,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, k
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
+    remember_arch(q.device)
     pad, stride_pb, stride_pn = padding_view(key_padding_mask, q)
     prefix_k, prefix_v, prompt_ids, prefix_lens, n_slots = usable_prefix(q, prefix_k, prefix_v, prompt_ids,
                                                                           prefix_lens)

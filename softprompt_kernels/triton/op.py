@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..backends import Backend, register_backend
-from .common import TRITON_IMPORT_ERROR, interpreting
+from .common import FP32_HEAD_BLOCKS, TRITON_IMPORT_ERROR, head_block, interpreting
 
 _PREFIX_GRAD_MODES = ("deterministic", "atomic")
 _prefix_grad_mode = "deterministic"
@@ -119,6 +119,10 @@ class TritonBackend(Backend):
             reasons.append("the triton backend takes float16, bfloat16 and float32, not float64")
         if inputs.head_dim > 256:
             reasons.append(f"head dim {inputs.head_dim} > 256")
+        elif (inputs.dtype == torch.float32 and not interpreting()
+              and head_block(inputs.head_dim) not in FP32_HEAD_BLOCKS):
+            reasons.append(f"float32 with head dim {inputs.head_dim} > {max(FP32_HEAD_BLOCKS)} has no spill-free "
+                           "tile: use bfloat16/float16 (float32 accumulation) or backend='torch'")
         return reasons
 
     def run(self, inputs, return_lse):
