@@ -2,7 +2,8 @@
 # One call on a lent GPU machine (see ../shared/DEVICE.md): build, GPU tests, benchmarks.
 # Writes env.txt, build.log, gpu_tests.log, the suite's JSON/PNG and bench.log under $OUT and
 # prints a short summary table last. Usage (from the repo root):
-#   OUT=/tmp/out bash benchmarks/device_check.sh [suite]
+#   OUT=/tmp/out SOFTPROMPT_COMMIT=<sha> bash benchmarks/device_check.sh [suite]
+# (the machine gets the working tree without .git: SOFTPROMPT_COMMIT names the commit measured)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/device-out}
 SUITE=${1:-gpu}
@@ -14,7 +15,7 @@ unset TRITON_INTERPRET
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
-  git rev-parse --short HEAD 2>/dev/null || true
+  echo "commit ${SOFTPROMPT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 } 2>&1 | tee "$OUT/env.txt"
 
 start=$(date +%s)

@@ -76,7 +76,11 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     """Short HEAD hash, ``-dirty`` when tracked files differ from HEAD; "unknown" outside git.
 
     Untracked files are ignored on purpose: benchmark output written into the tree would
-    otherwise mark every later run dirty."""
+    otherwise mark every later run dirty. ``SOFTPROMPT_COMMIT`` overrides it: a lent GPU
+    machine gets a copy of the tree without its git history."""
+    if os.environ.get("SOFTPROMPT_COMMIT"):
+        return os.environ["SOFTPROMPT_COMMIT"]
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
 

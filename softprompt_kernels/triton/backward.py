@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (LOG2E, autotune_configs, head_block, launcher, length_bucket,
-                     prune_by_head_block, remember_arch, tl, triton)
+from .common import (LOG2E, PLAIN, TUNING_KEY, autotune_configs, head_block, interpreting, launcher,
+                     length_bucket, prune_by_head_block, remember_arch, tl, triton)
 from .forward import dot_precision, load_rows, padding_view, prompt_of_row, usable_prefix
 
 # Spill-free tuning spaces (see forward.FWD_SPACE); BWD_SPACE serves the kv and prefix kernels.
@@ -35,11 +35,18 @@ BWD_SPACE = {
          dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2),
          dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)],
     128: [dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=3),
-          dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)],
+          dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+          dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2, archs=(90,),
+               when=dict(PLAIN, DETERMINISTIC=True))],
     256: [dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2),
           dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2),
           dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)],
 }
+# The prefix kernel keeps a little more state (its query chunk): BWD_SPACE without the configs that
+# spill there (the plain-case large tiles at 128, one float32 tile at 32).
+PREFIX_SPACE = {block_d: [c for c in space if "when" not in c
+                          and not (block_d == 32 and c.get("dtypes") == ("fp32",) and c["BLOCK_N"] == 32)]
+                for block_d, space in BWD_SPACE.items()}
 DQ_SPACE = {
     16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
@@ -55,7 +62,10 @@ DQ_SPACE = {
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
     128: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
           dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, archs=(90,)),
-          dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, archs=(80,))],
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, archs=(80,)),
+          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, archs=(80,)),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, archs=(90,), when=PLAIN),
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, archs=(90,), when=PLAIN)],
     256: [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
           dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, archs=(80,)),
           dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, archs=(80,))],
@@ -68,7 +78,28 @@ def reduce_block(block_d: int) -> int:
     return 16 if block_d >= 256 else 32
 
 
-TUNING_KEY = ["BLOCK_D", "CAUSAL", "HAS_PADDING", "DOT_PRECISION", "lq_bucket", "lk_bucket"]
+# The prefix kernel splits each row's queries into chunks when there are too few (row, kv head,
+# slot block) programs to fill the GPU (small K): about two programs per multiprocessor.
+_SM_COUNT: dict = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    if interpreting():
+        return 8  # small, so that the interpreter tests exercise the split path
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _SM_COUNT[index]
+
+
+def prefix_query_chunks(device: torch.device, Lq: int, programs: int):
+    """(queries per chunk, number of chunks); chunks are whole multiples of every BLOCK_M."""
+    granularity = 16 if interpreting() else 128
+    wanted = max(1, min(triton.cdiv(Lq, 2 * granularity), triton.cdiv(_target_programs(device), max(programs, 1))))
+    chunk = triton.cdiv(triton.cdiv(Lq, wanted), granularity) * granularity
+    return chunk, triton.cdiv(Lq, chunk)
+
+
 
 
 @triton.jit
@@ -97,16 +128,16 @@ def delta_kernel(OUT, DO, GRAD_LSE, DELTA,
 
 @triton.jit
 def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                           q_lo, Lq, offs_n, key_real, causal_shift, D, scale_log2,
+                           q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
                            CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Accumulates dk, dv [BLOCK_N, BLOCK_D] of one key block over queries [q_lo, Lq) of one head.
+    """Accumulates dk, dv [BLOCK_N, BLOCK_D] of one key block over queries [q_lo, q_hi) of one head.
 
     One loop with the masks applied in every step: a single copy of the body keeps the kernel
     within the register file (no spills) at the tile sizes that feed the tensor cores well.
     """
     offs_d = tl.arange(0, BLOCK_D)
-    for start_m in range(q_lo, Lq, BLOCK_M):
+    for start_m in range(q_lo, q_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Lq, offs_d, D, True,
                       EVEN_D)
@@ -128,7 +159,7 @@ def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 
     return dk, dv
 
 
-@triton.autotune(configs=autotune_configs(BWD_SPACE), key=TUNING_KEY,
+@triton.autotune(configs=autotune_configs(BWD_SPACE), key=[k for k in TUNING_KEY if k not in ("HAS_IDS", "HAS_LENS")],
                  prune_configs_by={"early_config_prune": prune_by_head_block(BWD_SPACE)})
 @triton.jit
 def prefix_attention_bwd_kv_kernel(
@@ -169,7 +200,7 @@ def prefix_attention_bwd_kv_kernel(
         row = (b * Hq + h) * Lq
         dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
                                         DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row, stride_qm,
-                                        stride_dom, q_lo, Lq, offs_n, key_real, causal_shift, D, scale_log2,
+                                        stride_dom, q_lo, Lq, Lq, offs_n, key_real, causal_shift, D, scale_log2,
                                         CAUSAL, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
     dk = dk * scale
     dst = b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -178,8 +209,8 @@ def prefix_attention_bwd_kv_kernel(
     tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=seq_mask)
 
 
-@triton.autotune(configs=autotune_configs(BWD_SPACE), key=TUNING_KEY + ["DETERMINISTIC"],
-                 prune_configs_by={"early_config_prune": prune_by_head_block(BWD_SPACE)},
+@triton.autotune(configs=autotune_configs(PREFIX_SPACE), key=TUNING_KEY + ["DETERMINISTIC"],
+                 prune_configs_by={"early_config_prune": prune_by_head_block(PREFIX_SPACE)},
                  reset_to_zero=["DPK", "DPV"])
 @triton.jit
 def prefix_attention_bwd_prefix_kernel(
@@ -188,15 +219,17 @@ def prefix_attention_bwd_prefix_kernel(
     stride_pkp, stride_pkh, stride_pkn,  # prefix_k [P, Hkv, K, D]
     stride_pvp, stride_pvh, stride_pvn,  # prefix_v [P, Hkv, K, D]
     stride_dob, stride_doh, stride_dom,  # grad_out [B, Hq, Lq, D]; lse, delta [B, Hq, Lq] fp32
-    Hq, Hkv, Lq, K_SLOTS, D, group, scale, scale_log2,
+    Hq, Hkv, Lq, K_SLOTS, D, group, scale, scale_log2, q_chunk, n_splits,
     lq_bucket, lk_bucket,
-    # DPK/DPV: deterministic: per-row partials [B, Hkv, K, D] fp32; atomic: accumulators [P, Hkv, K, D] fp32
+    # DPK/DPV: deterministic: partials [B, n_splits, Hkv, K, D] fp32; atomic: sums [P, Hkv, K, D] fp32
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
     DETERMINISTIC: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One row's share of the gradient of one block of its prompt's prefix slots (never masked)."""
-    bkv = tl.program_id(1)
+    """One row's share of the gradient of one block of its prompt's prefix slots (never masked),
+    over one chunk of its queries: chunks keep enough programs in flight when K is small."""
+    split = tl.program_id(1)
+    bkv = tl.program_id(2)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
     prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
@@ -209,6 +242,8 @@ def prefix_attention_bwd_prefix_kernel(
                       + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
         v = load_rows(PV + prompt64 * stride_pvp + kvh * stride_pvh + offs_n[:, None] * stride_pvn
                       + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
+        q_lo = split * q_chunk
+        q_hi = tl.minimum(q_lo + q_chunk, Lq)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, group):
@@ -216,12 +251,12 @@ def prefix_attention_bwd_prefix_kernel(
             row = (b * Hq + h) * Lq
             dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
                                             DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
-                                            stride_qm, stride_dom, 0, Lq, offs_n, offs_n, 0, D, scale_log2,
-                                            False, False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
+                                            stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, offs_n, 0, D,
+                                            scale_log2, False, False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
         dk = dk * scale
         slot_mask = (offs_n < n_slots)[:, None] & (offs_d < D)[None, :]
         if DETERMINISTIC:
-            dst = (b * Hkv + kvh) * K_SLOTS * D + offs_n[:, None] * D + offs_d[None, :]
+            dst = ((b * n_splits + split) * Hkv + kvh) * K_SLOTS * D + offs_n[:, None] * D + offs_d[None, :]
             tl.store(DPK + dst, dk, mask=slot_mask)
             tl.store(DPV + dst, dv, mask=slot_mask)
         else:
@@ -322,7 +357,7 @@ def prefix_attention_bwd_dq_kernel(
 
 @triton.jit
 def reduce_prefix_grads_kernel(PARTIAL, PROMPT_IDS, PREFIX_LENS, OUT,
-                               B, Hkv, K_SLOTS, D,   # partial [B, Hkv, K, D] fp32 -> out [P, Hkv, K, D]
+                               B, n_splits, Hkv, K_SLOTS, D,  # partial [B, n_splits, Hkv, K, D] fp32 -> out [P, Hkv, K, D]
                                HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr,
                                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     ph = tl.program_id(0)
@@ -341,7 +376,9 @@ def reduce_prefix_grads_kernel(PARTIAL, PROMPT_IDS, PREFIX_LENS, OUT,
         if HAS_IDS:
             row_prompt = tl.load(PROMPT_IDS + b).to(tl.int32)
         if row_prompt == prompt:
-            acc += tl.load(PARTIAL + (b * Hkv + kvh).to(tl.int64) * K_SLOTS * D + tile, mask=mask, other=0.0)
+            for split in range(0, n_splits):
+                part = ((b * n_splits + split) * Hkv + kvh).to(tl.int64) * K_SLOTS * D
+                acc += tl.load(PARTIAL + part + tile, mask=mask, other=0.0)
     out = OUT + ph.to(tl.int64) * K_SLOTS * D + tile
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=(offs_s < K_SLOTS)[:, None] & (offs_d < D)[None, :])
 
@@ -377,10 +414,11 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
 
     pad, stride_pb, stride_pn = padding_view(key_padding_mask, q)
     pk, pv, ids, lens, n_slots = usable_prefix(q, prefix_k, prefix_v, prompt_ids, prefix_lens)
+    q_chunk, n_splits = prefix_query_chunks(q.device, Lq, B * Hkv * triton.cdiv(n_slots, 64))
     if n_slots == 0:
         grad_pk = grad_pv = None  # no prefix kernel runs
     elif deterministic:
-        grad_pk = torch.empty((B, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
+        grad_pk = torch.empty((B, n_splits, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
         grad_pv = torch.empty_like(grad_pk)
     else:
         grad_pk = torch.zeros((P, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
@@ -406,13 +444,14 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
 
     if n_slots > 0:
         def prefix_grid(meta):
-            return (triton.cdiv(n_slots, meta["BLOCK_N"]), B * Hkv)
+            return (triton.cdiv(n_slots, meta["BLOCK_N"]), n_splits, B * Hkv)
 
         launcher(prefix_attention_bwd_prefix_kernel)[prefix_grid](
             q, pk, pv, ids if ids is not None else q, lens if lens is not None else q, grad_out, lse, delta,
             grad_pk, grad_pv, q.stride(0), q.stride(1), q.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
             pv.stride(0), pv.stride(1), pv.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            Hq, Hkv, Lq, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *buckets, DETERMINISTIC=deterministic,
+            Hq, Hkv, Lq, n_slots, D, Hq // Hkv, scale, scale * LOG2E, q_chunk, n_splits, *buckets,
+            DETERMINISTIC=deterministic,
             **flags)
 
     def dq_grid(meta):
@@ -428,8 +467,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
             block_s = reduce_block(block_d)
             for partial, dst in ((grad_pk, dprefix_k), (grad_pv, dprefix_v)):
                 launcher(reduce_prefix_grads_kernel)[(P * Hkv, triton.cdiv(n_slots, block_s))](
-                    partial, ids if ids is not None else q, lens if lens is not None else q, dst, B, Hkv,
-                    n_slots, D, HAS_IDS=ids is not None, HAS_LENS=lens is not None, BLOCK_S=block_s,
+                    partial, ids if ids is not None else q, lens if lens is not None else q, dst, B, n_splits,
+                    Hkv, n_slots, D, HAS_IDS=ids is not None, HAS_LENS=lens is not None, BLOCK_S=block_s,
                     BLOCK_D=block_d)
         else:
             dprefix_k.copy_(grad_pk)

@@ -41,11 +41,17 @@ def length_bucket(length: int) -> int:
     return min(16384, max(64, triton.next_power_of_2(max(length, 1))))
 
 
+# Autotuning keys: everything that changes which configs are allowed or which is fastest.
+TUNING_KEY = ["BLOCK_D", "EVEN_D", "CAUSAL", "HAS_PADDING", "HAS_IDS", "HAS_LENS", "DOT_PRECISION",
+              "lq_bucket", "lk_bucket"]
+# Flags of the common fast case (one prompt, no padding, head dim a power of two).
+PLAIN = {"HAS_PADDING": False, "HAS_IDS": False, "HAS_LENS": False, "EVEN_D": True}
+
 # Small blocks under the interpreter, so that tests at small shapes still cross block boundaries.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-_NOT_BLOCKS = ("num_warps", "num_stages", "archs", "dtypes")
+_NOT_BLOCKS = ("num_warps", "num_stages", "archs", "dtypes", "when")
 ALL_ARCHS = (80, 90)
 HALF_DTYPES = ("bf16", "fp16")  # a config's default dtypes; float32 entries name ("fp32",)
 # float32 runs on tiles without tensor-core-friendly shapes; only these padded head dims have
@@ -79,7 +85,8 @@ def autotune_configs(space_by_head_block: Dict[int, List[dict]]) -> list:
     """All configs of a tuning space (head dim -> configs), as triton.Config objects.
 
     A config may name the architectures (``archs``; default both) and the dtypes (``dtypes``;
-    default bf16 and fp16) it is verified for.
+    default bf16 and fp16) it is verified for, and the kernel flags it needs (``when``, e.g.
+    ``{"HAS_PADDING": False}``: larger tiles that fit the register file only without them).
     """
     if interpreting():
         return [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=4, num_stages=1)]
@@ -101,7 +108,8 @@ def prune_by_head_block(space_by_head_block: Dict[int, List[dict]]):
         tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))  # the first: q or out
         family, dtype = arch_family(tensor.device), dtype_family(tensor.dtype)
         allowed = {config_key(c) for c in space_by_head_block.get(block_d, [])
-                   if family in c.get("archs", ALL_ARCHS) and dtype in c.get("dtypes", HALF_DTYPES)}
+                   if family in c.get("archs", ALL_ARCHS) and dtype in c.get("dtypes", HALF_DTYPES)
+                   and all(kwargs.get(flag, value) == value for flag, value in c.get("when", {}).items())}
         kept = [c for c in configs_in
                 if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in allowed]
         return kept or list(configs_in[:1])

@@ -41,7 +41,9 @@ class Job:
 
     def label(self) -> str:
         blocks = " ".join(f"{k}={v}" for k, v in self.blocks.items())
-        return (f"{self.kernel:<14} sm_{self.arch} {self.dtype:<4} D={self.head_dim:<3} {blocks:<22} "
+        variant = ("causal" if self.flags.get("CAUSAL", True) else "full") + (
+            "/plain" if self.flags.get("HAS_PADDING", True) is False else "")
+        return (f"{self.kernel:<10} {variant:<12} sm_{self.arch} {self.dtype:<4} D={self.head_dim:<3} {blocks:<22} "
                 f"warps={self.num_warps} stages={self.num_stages}")
 
 
@@ -79,11 +81,11 @@ def _jit_fn(kernel):
 
 
 def jobs_for(archs: List[int], dtypes: List[str]) -> List[Job]:
-    from .backward import BWD_SPACE, DELTA_BLOCK, DQ_SPACE, reduce_block
+    from .backward import BWD_SPACE, DELTA_BLOCK, DQ_SPACE, PREFIX_SPACE, reduce_block
     from .common import ALL_ARCHS, FP32_HEAD_BLOCKS, HALF_DTYPES
     from .forward import FWD_SPACE
 
-    spaces = {"fwd": FWD_SPACE, "bwd_kv": BWD_SPACE, "bwd_prefix": BWD_SPACE, "bwd_dq": DQ_SPACE}
+    spaces = {"fwd": FWD_SPACE, "bwd_kv": BWD_SPACE, "bwd_prefix": PREFIX_SPACE, "bwd_dq": DQ_SPACE}
     attention_flags = dict(HAS_IDS=True, HAS_LENS=True, HAS_PADDING=True, CAUSAL=True)
     jobs = []
     for arch in archs:
@@ -95,11 +97,20 @@ def jobs_for(archs: List[int], dtypes: List[str]) -> List[Job]:
                     for c in space[block_d]:
                         if arch not in c.get("archs", ALL_ARCHS) or dtype not in c.get("dtypes", HALF_DTYPES):
                             continue  # the autotuner never picks it for this architecture / dtype
-                        blocks = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages", "archs", "dtypes")}
-                        flags = dict(attention_flags, **common)
-                        flags["DETERMINISTIC"] = False  # atomics: the heavier variant (prefix kernel)
-                        jobs.append(Job(kernel, arch, dtype, head_dim, blocks, c["num_warps"], c["num_stages"],
-                                        flags))
+                        when = c.get("when", {})
+                        if when.get("EVEN_D", common["EVEN_D"]) != common["EVEN_D"]:
+                            continue
+                        blocks = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages", "archs", "dtypes",
+                                                                         "when")}
+                        # the heaviest variant the config may run with: every optional input present,
+                        # prefix gradients by atomics; causal and full attention are different programs
+                        flags = dict(attention_flags, DETERMINISTIC=False, **common)
+                        flags.update(when)
+                        causal_values = (when["CAUSAL"],) if "CAUSAL" in when else (
+                            (True,) if kernel == "bwd_prefix" else (True, False))
+                        for causal in causal_values:
+                            jobs.append(Job(kernel, arch, dtype, head_dim, blocks, c["num_warps"], c["num_stages"],
+                                            dict(flags, CAUSAL=causal)))
                 if dtype == "fp32" and block_d not in FP32_HEAD_BLOCKS:
                     continue  # the backend refuses float32 at this head dim
                 jobs.append(Job("delta", arch, dtype, head_dim, {"BLOCK_M": DELTA_BLOCK["BLOCK_M"]},

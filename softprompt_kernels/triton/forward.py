@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import (LOG2E, autotune_configs, head_block, launcher, length_bucket,
+from .common import (LOG2E, PLAIN, TUNING_KEY, autotune_configs, head_block, launcher, length_bucket,
                      prune_by_head_block, remember_arch, tl, triton)
 
 # Tuning space per padded head dim (BLOCK_D). Every entry compiles without register spills
@@ -34,7 +34,10 @@ FWD_SPACE = {
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)],
     128: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
           dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, archs=(80,))],
+          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, archs=(80,)),
+          # 128-query tiles fit sm_90's register file only in the plain causal case
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, archs=(90,), when=dict(PLAIN, CAUSAL=True)),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, archs=(90,), when=dict(PLAIN, CAUSAL=True))],
     # sm_90 at head dim 256: no wgmma-sized tile fits the register file (all spilled), mma.sync tiles do
     256: [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
           dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, archs=(80,)),
@@ -108,8 +111,7 @@ def prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS: tl.constexpr, HA
     return prompt, n_slots
 
 
-@triton.autotune(configs=autotune_configs(FWD_SPACE),
-                 key=["BLOCK_D", "CAUSAL", "HAS_PADDING", "DOT_PRECISION", "lq_bucket", "lk_bucket"],
+@triton.autotune(configs=autotune_configs(FWD_SPACE), key=TUNING_KEY,
                  prune_configs_by={"early_config_prune": prune_by_head_block(FWD_SPACE)})
 @triton.jit
 def prefix_attention_fwd_kernel(
