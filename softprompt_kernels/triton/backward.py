@@ -176,6 +176,9 @@ def prefix_attention_bwd_kv_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one block of sequence keys of one (row, kv head), over all q heads of its group."""
+    # float arguments may arrive as fp64 (torch.compile's launcher types Python floats so)
+    scale = tl.cast(scale, tl.float32)
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
@@ -228,6 +231,9 @@ def prefix_attention_bwd_prefix_kernel(
 ):
     """One row's share of the gradient of one block of its prompt's prefix slots (never masked),
     over one chunk of its queries: chunks keep enough programs in flight when K is small."""
+    # float arguments may arrive as fp64 (torch.compile's launcher types Python floats so)
+    scale = tl.cast(scale, tl.float32)
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     split = tl.program_id(1)
     bkv = tl.program_id(2)
     b = (bkv // Hkv).to(tl.int64)
@@ -310,6 +316,9 @@ def prefix_attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # float arguments may arrive as fp64 (torch.compile's launcher types Python floats so)
+    scale = tl.cast(scale, tl.float32)
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)

@@ -129,7 +129,9 @@ def _signature(fn, kernel: str, dtype: str, constexprs: Dict[str, object]) -> Di
         elif name in pointers:
             sig[name] = f"*{dtype}" if pointers[name] == "T" else pointers[name]
         else:
-            sig[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
+            # torch.compile's launcher passes Python floats as fp64 (the eager one as fp32); the
+            # kernels cast them on entry, so fp64 here checks the stricter of the two typings
+            sig[name] = "fp64" if name in _FLOAT_SCALARS else "i32"
     return sig
 
 

@@ -129,6 +129,9 @@ def prefix_attention_fwd_kernel(
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # float arguments may arrive as fp64 (torch.compile's launcher types Python floats so):
+    # fp32 keeps every product and the dot accumulators fp32
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
