@@ -29,6 +29,7 @@ struct PreparedGradInputs {
 
 struct GradOutputs {
   at::Tensor q, k, v, prefix_k, prefix_v;
+  at::Tensor prefix_partial_k, prefix_partial_v;  // CPU scratch, or undefined
 };
 
 // Copies only when the kernel cannot read the tensor as rows of D contiguous elements.
@@ -221,6 +222,12 @@ inline GradOutputs allocate_grad_outputs(const PreparedInputs& in) {
   g.v = at::empty({in.B, in.Lk, in.Hkv, in.D}, opts).transpose(1, 2);
   g.prefix_k = at::zeros({in.P, in.Hkv, in.K, in.D}, opts);
   g.prefix_v = at::zeros({in.P, in.Hkv, in.K, in.D}, opts);
+  if (in.P > 0 && in.K > 0 && in.q.device().is_cpu()) {
+    // through torch's allocator, so that memory profilers see the scratch too
+    const auto acc = opts.dtype(accumulation_dtype(in.q.scalar_type()));
+    g.prefix_partial_k = at::empty({in.B, in.Hkv, in.K, in.D}, acc);
+    g.prefix_partial_v = at::empty({in.B, in.Hkv, in.K, in.D}, acc);
+  }
   return g;
 }
 
@@ -244,6 +251,8 @@ inline PrefixAttentionGradParams make_grad_params(const PreparedInputs& in, cons
   p.grad_v_strides = strides_of(grads.v);
   p.grad_pk_strides = strides_of(grads.prefix_k);
   p.grad_pv_strides = strides_of(grads.prefix_v);
+  p.prefix_partial_k = grads.prefix_partial_k.defined() ? grads.prefix_partial_k.data_ptr() : nullptr;
+  p.prefix_partial_v = grads.prefix_partial_v.defined() ? grads.prefix_partial_v.data_ptr() : nullptr;
   return p;
 }
 

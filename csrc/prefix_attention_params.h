@@ -78,6 +78,11 @@ struct PrefixAttentionGradParams : PrefixAttentionParams {
   void* grad_prefix_k;   // [P, Hkv, K, D], summed over the rows that use each prompt
   void* grad_prefix_v;   // [P, Hkv, K, D]
   Strides4 grad_q_strides, grad_k_strides, grad_v_strides, grad_pk_strides, grad_pv_strides;
+
+  // Scratch for the CPU backward: per-(row, kv head) prefix gradients [B, Hkv, K, D] in the
+  // accumulation dtype, summed per prompt afterwards. Null when there is no prefix.
+  void* prefix_partial_k;
+  void* prefix_partial_v;
 };
 
 }  // namespace softprompt

@@ -291,9 +291,8 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
 
 // grad_prefix[p, hkv] = sum over rows b with prompt p of partial[b, hkv] (row order).
 template <typename scalar_t>
-void reduce_prefix_grads(const PrefixAttentionGradParams& p,
-                         const std::vector<acc_type_t<scalar_t>>& partial, const Strides4& dst_st,
-                         void* dst_ptr) {
+void reduce_prefix_grads(const PrefixAttentionGradParams& p, const acc_type_t<scalar_t>* partial,
+                         const Strides4& dst_st, void* dst_ptr) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t K = p.prefix_slots, D = p.head_dim, Hkv = p.heads_kv;
   std::vector<std::vector<int64_t>> rows_of_prompt(p.num_prompts);
@@ -310,7 +309,7 @@ void reduce_prefix_grads(const PrefixAttentionGradParams& p,
         std::fill(sum.begin(), sum.end(), acc_t(0));
         if (slot < len)
           for (int64_t b : rows_of_prompt[pid]) {
-            const acc_t* src = partial.data() + ((b * Hkv + hkv) * K + slot) * D;
+            const acc_t* src = partial + ((b * Hkv + hkv) * K + slot) * D;
             for (int64_t d = 0; d < D; ++d) sum[d] += src[d];
           }
         scalar_t* out = dst + pid * dst_st.b + hkv * dst_st.h + slot * dst_st.l;
@@ -342,17 +341,17 @@ template <typename scalar_t>
 void prefix_attention_backward(const PrefixAttentionGradParams& p) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t K = p.prefix_slots, D = p.head_dim, Hkv = p.heads_kv;
-  const bool has_prefix = p.num_prompts > 0 && K > 0;
+  const bool has_prefix = p.num_prompts > 0 && K > 0 && p.prefix_partial_k && p.prefix_partial_v;
   // Per-(row, kv head) prefix gradients; only slots < prefix_len are written and read.
-  std::vector<acc_t> partial_k(has_prefix ? p.batch * Hkv * K * D : 0);
-  std::vector<acc_t> partial_v(partial_k.size());
+  auto* partial_k = static_cast<acc_t*>(p.prefix_partial_k);
+  auto* partial_v = static_cast<acc_t*>(p.prefix_partial_v);
   const int64_t rows = (p.heads_q / Hkv) * queries_per_block(p);
   at::parallel_for(0, p.batch * Hkv, 1, [&](int64_t begin, int64_t end) {
     Workspace<acc_t> ws(rows, D, /*backward=*/true, p.len_k);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, hkv = item % Hkv;
-      acc_t* pdk = has_prefix ? partial_k.data() + item * K * D : nullptr;
-      acc_t* pdv = has_prefix ? partial_v.data() + item * K * D : nullptr;
+      acc_t* pdk = has_prefix ? partial_k + item * K * D : nullptr;
+      acc_t* pdv = has_prefix ? partial_v + item * K * D : nullptr;
       if (has_prefix) {
         std::fill(pdk, pdk + K * D, acc_t(0));
         std::fill(pdv, pdv + K * D, acc_t(0));
@@ -360,7 +359,7 @@ void prefix_attention_backward(const PrefixAttentionGradParams& p) {
       backward_row_head<scalar_t>(p, b, hkv, pdk, pdv, ws);
     }
   });
-  if (p.num_prompts > 0 && K > 0) {
+  if (has_prefix) {
     reduce_prefix_grads<scalar_t>(p, partial_k, p.grad_pk_strides, p.grad_prefix_k);
     reduce_prefix_grads<scalar_t>(p, partial_v, p.grad_pv_strides, p.grad_prefix_v);
   }
