@@ -24,12 +24,13 @@ BWD_SPACE = {
     16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
          dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-         dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",))],
+         dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
+         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",))],
     32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
          dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-         dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
-         dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2, dtypes=("fp32",))],
+         dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2, dtypes=("fp32",)),
+         dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2, dtypes=("fp32",))],
     64: [dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
          dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),
          dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -42,10 +43,13 @@ BWD_SPACE = {
           dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2),
           dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)],
 }
-# The prefix kernel keeps a little more state (its query chunk): BWD_SPACE without the configs that
-# spill there (the plain-case large tiles at 128, one float32 tile at 32).
-PREFIX_SPACE = {block_d: [c for c in space if "when" not in c
-                          and not (block_d == 32 and c.get("dtypes") == ("fp32",) and c["BLOCK_N"] == 32)]
+# The prefix kernel keeps a little more state (its query chunk): its own verified space, without the
+# plain-case large tiles and with other float32 tiles.
+_PREFIX_FP32 = {16: [dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2, dtypes=("fp32",)),
+                     dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2, dtypes=("fp32",))],
+                32: [dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
+                     dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2, dtypes=("fp32",))]}
+PREFIX_SPACE = {block_d: [c for c in space if "when" not in c and "dtypes" not in c] + _PREFIX_FP32.get(block_d, [])
                 for block_d, space in BWD_SPACE.items()}
 DQ_SPACE = {
     16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),

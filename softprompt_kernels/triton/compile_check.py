@@ -41,7 +41,7 @@ class Job:
 
     def label(self) -> str:
         blocks = " ".join(f"{k}={v}" for k, v in self.blocks.items())
-        variant = ("causal" if self.flags.get("CAUSAL", True) else "full") + (
+        variant = "-" if "CAUSAL" not in self.flags else ("causal" if self.flags["CAUSAL"] else "full") + (
             "/plain" if self.flags.get("HAS_PADDING", True) is False else "")
         return (f"{self.kernel:<10} {variant:<12} sm_{self.arch} {self.dtype:<4} D={self.head_dim:<3} {blocks:<22} "
                 f"warps={self.num_warps} stages={self.num_stages}")
