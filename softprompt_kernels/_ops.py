@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ._autograd import prefix_attention_autograd
+
 try:
     from . import _C  # noqa: F401  (loading it registers the ops)
 
@@ -51,22 +53,6 @@ if _C is not None:
                 torch.empty_like(prefix_k, memory_format=torch.contiguous_format),
                 torch.empty_like(prefix_v, memory_format=torch.contiguous_format))
 
-    def _fwd_setup_context(ctx, inputs, output):
-        q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse)
-        ctx.causal = causal
-        ctx.scale = scale
-        ctx.set_materialize_grads(False)
-
-    def _fwd_backward(ctx, grad_out, grad_lse):
-        q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        grads = torch.ops.softprompt_kernels.prefix_attention_bwd(
-            grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
-            out, lse, ctx.causal, ctx.scale)
-        return (*grads, None, None, None, None, None)
-
-    torch.library.register_autograd("softprompt_kernels::prefix_attention_fwd", _fwd_backward,
-                                    setup_context=_fwd_setup_context)
+    _backward, _setup_context = prefix_attention_autograd(torch.ops.softprompt_kernels.prefix_attention_bwd)
+    torch.library.register_autograd("softprompt_kernels::prefix_attention_fwd", _backward,
+                                    setup_context=_setup_context)

@@ -145,6 +145,30 @@ struct Workspace {
   }
 };
 
+// One chunk of keys [j0, j0 + n) of a span, as acc_t rows, with its scaled and masked scores
+// written to ws.s [rows, n] (s = q_block @ K^T).
+template <typename acc_t>
+struct KeyChunk {
+  const acc_t* k;
+  const acc_t* v;
+  int64_t k_ld, v_ld, n;
+};
+
+template <typename scalar_t>
+KeyChunk<acc_type_t<scalar_t>> score_chunk(const PrefixAttentionParams& p, const KeySpan<scalar_t>& span,
+                                           int64_t j0, int64_t b, int64_t i0, int64_t nq,
+                                           Workspace<acc_type_t<scalar_t>>& ws) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = p.head_dim, rows = (p.heads_q / p.heads_kv) * nq;
+  KeyChunk<acc_t> c;
+  c.n = std::min(kKeyBlock, span.count - j0);
+  c.k = rows_as_acc(span.k + j0 * span.k_ld, span.k_ld, c.n, D, ws.kbuf.data(), &c.k_ld);
+  c.v = rows_as_acc(span.v + j0 * span.v_ld, span.v_ld, c.n, D, ws.vbuf.data(), &c.v_ld);
+  gemm<acc_t>(false, true, rows, c.n, D, 1, ws.q.data(), D, c.k, c.k_ld, 0, ws.s.data(), c.n);
+  if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, c.n, ws.s.data());
+  return c;
+}
+
 // ---------------------------------------------------------------- forward
 
 template <typename scalar_t>
@@ -163,13 +187,9 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
   for (int si = 0; si < n_spans; ++si) {
     const KeySpan<scalar_t>& span = spans[si];
     for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
-      const int64_t n = std::min(kKeyBlock, span.count - j0);
-      int64_t k_ld, v_ld;
-      const acc_t* kc = rows_as_acc(span.k + j0 * span.k_ld, span.k_ld, n, D, ws.kbuf.data(), &k_ld);
-      const acc_t* vc = rows_as_acc(span.v + j0 * span.v_ld, span.v_ld, n, D, ws.vbuf.data(), &v_ld);
+      const KeyChunk<acc_t> c = score_chunk(p, span, j0, b, i0, nq, ws);
+      const int64_t n = c.n;
       acc_t* s = ws.s.data();
-      gemm<acc_t>(false, true, rows, n, D, 1, ws.q.data(), D, kc, k_ld, 0, s, n);
-      if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, n, s);
       for (int64_t r = 0; r < rows; ++r) {
         acc_t* s_row = s + r * n;
         const acc_t m_new = std::max(ws.m[r], row_max(s_row, n));
@@ -183,7 +203,7 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
         ws.m[r] = m_new;
         if (alpha != acc_t(1)) scale_row(ws.o.data() + r * D, D, alpha);
       }
-      gemm<acc_t>(false, false, rows, D, n, 1, s, n, vc, v_ld, 1, ws.o.data(), D);
+      gemm<acc_t>(false, false, rows, D, n, 1, s, n, c.v, c.v_ld, 1, ws.o.data(), D);
     }
   }
 
@@ -242,15 +262,11 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
       acc_t* dk_span = span.is_prefix ? prefix_dk : ws.dk.data();
       acc_t* dv_span = span.is_prefix ? prefix_dv : ws.dv.data();
       for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
-        const int64_t n = std::min(kKeyBlock, span.count - j0);
-        int64_t k_ld, v_ld;
-        const acc_t* kc = rows_as_acc(span.k + j0 * span.k_ld, span.k_ld, n, D, ws.kbuf.data(), &k_ld);
-        const acc_t* vc = rows_as_acc(span.v + j0 * span.v_ld, span.v_ld, n, D, ws.vbuf.data(), &v_ld);
+        const KeyChunk<acc_t> c = score_chunk(p, span, j0, b, i0, nq, ws);
+        const int64_t n = c.n;
         acc_t* s = ws.s.data();
         acc_t* dp = ws.dp.data();
-        gemm<acc_t>(false, true, rows, n, D, 1, ws.q.data(), D, kc, k_ld, 0, s, n);
-        if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, n, s);
-        gemm<acc_t>(false, true, rows, n, D, 1, ws.dout.data(), D, vc, v_ld, 0, dp, n);
+        gemm<acc_t>(false, true, rows, n, D, 1, ws.dout.data(), D, c.v, c.v_ld, 0, dp, n);
         for (int64_t r = 0; r < rows; ++r) {
           if (ws.lse[r] == neg_inf<acc_t>()) {  // the query saw nothing: no gradient
             std::fill(s + r * n, s + r * n + n, acc_t(0));
@@ -262,7 +278,7 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
         // s holds P and dp holds dS (gradient of the scaled scores).
         gemm<acc_t>(true, false, n, D, rows, 1, s, n, ws.dout.data(), D, 1, dv_span + j0 * D, D);
         gemm<acc_t>(true, false, n, D, rows, 1, dp, n, ws.q.data(), D, 1, dk_span + j0 * D, D);
-        gemm<acc_t>(false, false, rows, D, n, 1, dp, n, kc, k_ld, 1, ws.dq.data(), D);
+        gemm<acc_t>(false, false, rows, D, n, 1, dp, n, c.k, c.k_ld, 1, ws.dq.data(), D);
       }
     }
 

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._autograd import prefix_attention_autograd
 from ..backends import Backend, register_backend
 from .common import FP32_HEAD_BLOCKS, TRITON_IMPORT_ERROR, head_block, interpreting
 
@@ -76,23 +77,8 @@ if TRITON_IMPORT_ERROR is None:
             out = q.new_empty((B, Lq, Hq, D)).transpose(1, 2)
             return out, q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.deterministic = _deterministic()
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, grad_out, grad_lse):
-        q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        grads = torch.ops.softprompt_kernels.triton_prefix_attention_bwd(
-            grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse,
-            ctx.causal, ctx.scale, ctx.deterministic)
-        return (*grads, None, None, None, None, None)
-
+    _backward, _setup_context = prefix_attention_autograd(
+        torch.ops.softprompt_kernels.triton_prefix_attention_bwd, extra_args=lambda: (_deterministic(),))
     triton_prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
