@@ -82,3 +82,16 @@ def test_empty_batch_and_empty_queries(backend):
         grads = torch.autograd.grad(out.sum(), tensors, allow_unused=True)
         for g, t in zip(grads, tensors):
             assert g is None or (g.shape == t.shape and torch.all(g == 0))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_expanded_upstream_gradients(backend):
+    """lse.sum() and out.sum() hand back stride-0 gradients; the kernels must not read them as dense."""
+    case = Case(2, 4, 2, 5, 7, 2, 3, 8, prompt_ids=[1, 0], padding=[[1] * 7, [0, 1, 1, 1, 1, 1, 1]])
+    results = []
+    for name in ("torch", backend):
+        tensors, kwargs = make_inputs(case)
+        out, lse = sk.prefix_attention(*tensors, **kwargs, return_lse=True, backend=name)
+        results.append(torch.autograd.grad(out.sum() + lse.sum(), tensors))
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

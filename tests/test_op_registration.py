@@ -109,3 +109,20 @@ def test_int32_prompt_ids_and_lengths():
     kwargs["prefix_lens"] = kwargs["prefix_lens"].int()
     torch.testing.assert_close(sk.prefix_attention(*tensors, **kwargs, backend="cpu"), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_strided_prompt_ids_lengths_and_mask(backend):
+    """Index tensors and masks that are views with strides are read correctly."""
+    case = Case(3, 2, 2, 4, 6, 2, 3, 8)
+    tensors, _ = make_inputs(case)
+    table = torch.tensor([[1, 9], [-1, 9], [0, 9]])
+    lens_table = torch.tensor([[2, 7], [3, 7]])
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[:2, 1] = False
+    kwargs = dict(prompt_ids=table[:, 0], prefix_lens=lens_table[:, 0], key_padding_mask=mask.t())
+    assert not kwargs["prompt_ids"].is_contiguous() and not kwargs["key_padding_mask"].is_contiguous()
+    dense = {k: v.contiguous() for k, v in kwargs.items()}
+    expected = sk.prefix_attention(*tensors, **dense, backend="torch")
+    torch.testing.assert_close(sk.prefix_attention(*tensors, **kwargs, backend=backend), expected,
+                               rtol=1e-5, atol=1e-6)

@@ -45,6 +45,11 @@ def _as_rows(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    """prompt_ids / prefix_lens are read as dense vectors (a no-op unless given a strided view)."""
+    return None if t is None else t.contiguous()
+
+
 if TRITON_IMPORT_ERROR is None:
     from .backward import prefix_attention_bwd
     from .forward import prefix_attention_fwd
@@ -57,7 +62,7 @@ if TRITON_IMPORT_ERROR is None:
                                     key_padding_mask: Optional[Tensor], causal: bool,
                                     scale: float) -> Tuple[Tensor, Tensor]:
         return prefix_attention_fwd(_as_rows(q), _as_rows(k), _as_rows(v), _as_rows(prefix_k), _as_rows(prefix_v),
-                                    prompt_ids, prefix_lens, key_padding_mask, causal, scale)
+                                    _dense(prompt_ids), _dense(prefix_lens), key_padding_mask, causal, scale)
 
     @_define("softprompt_kernels::triton_prefix_attention_bwd", mutates_args=())
     def triton_prefix_attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
@@ -65,8 +70,10 @@ if TRITON_IMPORT_ERROR is None:
                                     prefix_lens: Optional[Tensor], key_padding_mask: Optional[Tensor],
                                     out: Tensor, lse: Tensor, causal: bool, scale: float,
                                     deterministic: bool) -> List[Tensor]:
+        # grad_lse is read as a contiguous [B, Hq, Lq] array (it is often an expanded view, e.g. of lse.sum())
+        grad_lse = grad_lse.float().contiguous() if grad_lse is not None else None
         grads = prefix_attention_bwd(_as_rows(grad_out), grad_lse, _as_rows(q), _as_rows(k), _as_rows(v),
-                                     _as_rows(prefix_k), _as_rows(prefix_v), prompt_ids, prefix_lens,
+                                     _as_rows(prefix_k), _as_rows(prefix_v), _dense(prompt_ids), _dense(prefix_lens),
                                      key_padding_mask, out, lse, causal, scale, deterministic)
         return list(grads)
 
