@@ -4,6 +4,15 @@ from .attention import not_supported_reasons, prefix_attention, resolve_backend
 from .backends import PerformanceWarning, available_backends, backend_status
 from .triton.op import prefix_grad_mode, set_prefix_grad_mode  # registers the triton backend
 
+
+def __getattr__(name):
+    # The Hugging Face integration imports transformers: load it on first use only.
+    if name in ("accelerate", "restore", "is_accelerated", "AccelerationError"):
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'softprompt_kernels' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -18,5 +27,9 @@ __all__ = [
     "InvalidDtypeError",
     "BackendNotSupportedError",
     "PerformanceWarning",
+    "accelerate",
+    "restore",
+    "is_accelerated",
+    "AccelerationError",
     "__version__",
 ]

@@ -76,9 +76,13 @@ def concatenated_kv(inputs: PrefixAttentionInputs) -> Tuple[torch.Tensor, torch.
 
 
 def prefix_attention_torch(
-    inputs: PrefixAttentionInputs, return_lse: bool = False
+    inputs: PrefixAttentionInputs, return_lse: bool = False, dropout_p: float = 0.0
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] or None)."""
+    """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] or None).
+
+    ``dropout_p`` drops attention probabilities (training with attention dropout, as the Hugging Face
+    layers do); the fused backends have no dropout, so this path serves it.
+    """
     keys, values = concatenated_kv(inputs)
     group = inputs.heads_q // inputs.heads_kv
     if group > 1:
@@ -86,11 +90,11 @@ def prefix_attention_torch(
         values = values.repeat_interleave(group, dim=1)
     mask = visibility_mask(inputs)[:, None]  # [B, 1, Lq, K + Lk]
     if return_lse:
-        return _explicit_softmax_attention(inputs.q, keys, values, mask, inputs.scale)
+        return _explicit_softmax_attention(inputs.q, keys, values, mask, inputs.scale, dropout_p)
     # A query that sees nothing gets a dummy all-visible row, then zeros: SDPA would give NaN.
     sees_any = mask.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(inputs.q, keys, values, attn_mask=mask | ~sees_any,
-                                         scale=inputs.scale)
+                                         dropout_p=dropout_p, scale=inputs.scale)
     return out.masked_fill(~sees_any, 0.0), None
 
 
@@ -98,12 +102,14 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _explicit_softmax_attention(q, keys, values, mask, scale):
+def _explicit_softmax_attention(q, keys, values, mask, scale, dropout_p=0.0):
     acc = lse_dtype(q.dtype)
     scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
     finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - finite_lse[..., None])
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
     out = torch.matmul(probs.to(q.dtype), values)
     return out, lse

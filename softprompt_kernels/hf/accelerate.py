@@ -1,0 +1,195 @@
+"""``accelerate(peft_model)`` / ``restore(peft_model)``: PEFT prompt learning on fused kernels, in place.
+
+The PEFT model keeps its modules and parameter objects (optimizers made before keep working, PEFT's
+``save_pretrained``/``from_pretrained`` are untouched); its ``forward`` and ``generate`` are replaced
+on the instance and its base model switches to softprompt attention. ``restore`` undoes all three.
+
+Causal decoders (DESIGN.md section 3, exact):
+- PREFIX_TUNING: each layer's prefix goes straight into ``prefix_attention``; never expanded over the
+  batch, never concatenated, never in the KV cache.
+- PROMPT_TUNING / P_TUNING: the prompt runs once per call through the frozen model (batch 1); its
+  per-layer K/V is the prefix; the last prompt position's logits give every row's first-token loss.
+Text positions start at k (PEFT's convention); ``logits`` cover the text positions only.
+"""
+from __future__ import annotations
+
+import warnings
+import torch
+import torch.nn.functional as F
+
+from .attention import use_softprompt_attention
+from .families import family_of
+from .prompts import cache_argument, context_for, peft_type_name, prefix_tuning_layers, prompt_embeddings, run_prompt_once
+
+SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+_STATE = "_softprompt_state"
+
+
+class AccelerationError(ValueError):
+    """The PEFT model cannot be accelerated (method, task or family), with the reason."""
+
+
+def accelerate(peft_model):
+    """Accelerates a PEFT prompt-learning model in place and returns it."""
+    if getattr(peft_model, _STATE, None) is not None:
+        return peft_model
+    config = getattr(peft_model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        raise AccelerationError("accelerate() takes a PEFT model whose active adapter is PROMPT_TUNING, P_TUNING or "
+                                f"PREFIX_TUNING; got {type(peft_model).__name__}")
+    method = peft_type_name(config)
+    if method not in SUPPORTED_METHODS:
+        raise AccelerationError(f"peft_type {method} is not supported; supported: {list(SUPPORTED_METHODS)}")
+    model = peft_model.get_base_model()
+    family = family_of(model.config)
+    if not family.causal:
+        raise AccelerationError(f"{family.model_type} (an encoder) is not accelerated yet; causal decoders are")
+    if getattr(config, "task_type", None) not in ("CAUSAL_LM", None) and str(config.task_type) != "TaskType.CAUSAL_LM":
+        raise AccelerationError(f"task_type {config.task_type} is not accelerated yet; CAUSAL_LM is")
+    previous_attention = use_softprompt_attention(model)
+    setattr(peft_model, _STATE, {"attention": previous_attention})
+    forward = _prefix_forward if method == "PREFIX_TUNING" else _prompt_forward
+    peft_model.forward = forward.__get__(peft_model)
+    peft_model.generate = _generate.__get__(peft_model)
+    return peft_model
+
+
+def restore(peft_model):
+    """Undoes ``accelerate``; returns the model."""
+    state = getattr(peft_model, _STATE, None)
+    if state is None:
+        return peft_model
+    for name in ("forward", "generate"):
+        peft_model.__dict__.pop(name, None)
+    peft_model.get_base_model().set_attn_implementation(state["attention"])
+    delattr(peft_model, _STATE)
+    return peft_model
+
+
+def is_accelerated(peft_model) -> bool:
+    return getattr(peft_model, _STATE, None) is not None
+
+
+# --- positions and cache arguments
+
+
+def _pop_cache(kwargs):
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+def _text_positions(family, k: int, batch: int, length: int, past: int, attention_mask, device):
+    """Positions of the text tokens [B, length] when k prompt positions precede them (PEFT's numbering)."""
+    if family.positions == "mask_cumsum" and attention_mask is not None:
+        mask = attention_mask.long()
+        positions = torch.where(mask.bool(), k + mask.cumsum(-1) - 1, torch.full_like(mask, -1))
+        return positions[:, -length:]
+    return (k + past + torch.arange(length, device=device))[None].expand(batch, length)
+
+
+def _batch_and_length(input_ids, inputs_embeds):
+    x = input_ids if input_ids is not None else inputs_embeds
+    if x is None:
+        raise ValueError("pass input_ids or inputs_embeds")
+    return x.shape[0], x.shape[1], x.device
+
+
+# --- forward
+
+
+def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                    position_ids=None, **kwargs):
+    config = self.active_peft_config
+    model = self.get_base_model()
+    k = config.num_virtual_tokens
+    batch, length, device = _batch_and_length(input_ids, inputs_embeds)
+    cache = _pop_cache(kwargs)
+    past = cache.get_seq_length() if cache is not None else 0
+    if position_ids is None:
+        position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
+    else:
+        position_ids = position_ids + k  # PEFT offsets explicit positions by the prefix length
+    if cache is not None:
+        kwargs[cache_argument(model)] = cache
+    return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                 position_ids=position_ids, output_attentions=output_attentions,
+                 output_hidden_states=output_hidden_states, return_dict=True,
+                 softprompt_context=context_for(prefix_tuning_layers(self), k), **kwargs)
+
+
+def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                    position_ids=None, **kwargs):
+    config = self.active_peft_config
+    model = self.get_base_model()
+    k = config.num_virtual_tokens
+    batch, length, device = _batch_and_length(input_ids, inputs_embeds)
+    if position_ids is not None:
+        warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+    cache = _pop_cache(kwargs)
+    past = cache.get_seq_length() if cache is not None else 0
+    prompt_pass = run_prompt_once(self, model, prompt_embeddings(self, model), want_logits=labels is not None)
+    position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
+    if cache is not None:
+        kwargs[cache_argument(model)] = cache
+    num_items = kwargs.pop("num_items_in_batch", None)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                position_ids=position_ids, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, return_dict=True,
+                softprompt_context=context_for(prompt_pass.layers, k), **kwargs)
+    if labels is not None:
+        out.loss = _prompt_lm_loss(prompt_pass.last_logits, out.logits, labels, num_items)
+    return out
+
+
+def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None):
+    """PEFT's loss over [prompt; text]: the last prompt position predicts labels[:, 0] of every row."""
+    vocab = text_logits.shape[-1]
+    labels = labels.to(text_logits.device)
+    first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), labels[:, 0], ignore_index=-100,
+                            reduction="sum")
+    rest = F.cross_entropy(text_logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+    return (first + rest) / count
+
+
+# --- generation
+
+
+def _generate(self, *gen_args, **gen_kwargs):
+    """The base model's generate(), with the prefix computed once and kept out of the KV cache.
+
+    Positions follow the accelerated forward (text from k), so greedy decoding with a cache gives the
+    tokens of a greedy loop over the forward itself.
+    """
+    config = self.active_peft_config
+    model = self.get_base_model()
+    family = family_of(model.config)
+    k = config.num_virtual_tokens
+    gen_kwargs.pop("task_ids", None)
+    with torch.no_grad():
+        if peft_type_name(config) == "PREFIX_TUNING":
+            layers = prefix_tuning_layers(self)
+        else:
+            layers = run_prompt_once(self, model, prompt_embeddings(self, model), want_logits=False).layers
+    context = context_for(layers, k)
+    original = model.prepare_inputs_for_generation
+
+    def prepare_inputs(*args, **kwargs):  # named so: generate() validates its kwargs by this signature
+        inputs = original(*args, **kwargs)
+        x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        inputs["position_ids"] = _text_positions(family, k, x.shape[0], x.shape[1], past,
+                                                 inputs.get("attention_mask"), x.device)
+        inputs["softprompt_context"] = context
+        return inputs
+
+    model.prepare_inputs_for_generation = prepare_inputs
+    try:
+        return model.generate(*gen_args, **gen_kwargs)
+    finally:
+        del model.prepare_inputs_for_generation

@@ -1,0 +1,124 @@
+"""Our attention inside Hugging Face models: ``prefix_attention`` behind transformers' interfaces.
+
+Registers one attention function with ``AttentionInterface`` and one mask function with
+``AttentionMaskInterface`` under the name ``"softprompt"`` (without the mask function, transformers
+would build no padding mask at all for an unknown implementation). The mask function hands the
+attention the 2D key padding mask (bool ``[B, Lk]``); causality is applied by the op itself
+(bottom-right aligned, so prefill and cached decoding are the same call).
+
+Each forward call may carry ``softprompt_context=SoftPromptContext(...)`` among its keyword
+arguments; transformers passes extra keyword arguments through to the attention function, so every
+layer finds its own prefix there (``module.layer_idx``) without global state.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..attention import prefix_attention
+from ..reference import prefix_attention_torch
+from .._validation import validate_prefix_attention_args
+
+ATTENTION_NAME = "softprompt"
+
+
+@dataclass
+class SoftPromptContext:
+    """The prefixes of one forward call: per layer ``(prefix_k, prefix_v)``, each ``[P, Hkv, K, D]``.
+
+    ``prompt_ids [B]`` picks each row's prefix (-1: none; None: P must be 1) and ``prefix_lens [P]``
+    how many slots each prompt uses, exactly as in ``prefix_attention``.
+    """
+
+    layer_prefixes: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+    prompt_ids: Optional[torch.Tensor] = None
+    prefix_lens: Optional[torch.Tensor] = None
+    num_prefix_positions: int = 0  # positions the prefix occupies before the text (sliding-window check)
+
+    def prefix(self, layer_idx: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx is None or not 0 <= layer_idx < len(self.layer_prefixes):
+            raise ValueError(f"softprompt_context has prefixes for {len(self.layer_prefixes)} layers; an attention "
+                             f"module with layer_idx={layer_idx!r} asked for one")
+        return self.layer_prefixes[layer_idx]
+
+
+_warned = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def softprompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                         scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                         softprompt_context: Optional[SoftPromptContext] = None,
+                         sliding_window: Optional[int] = None, **kwargs):
+    """The function transformers calls: query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] (with the cache)."""
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("softprompt attention does not support attention logit soft-capping (softcap)")
+    if kwargs.get("output_attentions", False):
+        _warn_once("output_attentions", "softprompt attention never materialises attention weights: "
+                                        "output_attentions returns None for them")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("softprompt attention takes a 2D key padding mask [B, Lk]; got a "
+                         f"{attention_mask.dim()}D attention_mask (pass a 2D 0/1 attention_mask to the model)")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    layer_idx = getattr(module, "layer_idx", None)
+    if softprompt_context is not None:
+        prefix_k, prefix_v = softprompt_context.prefix(layer_idx)
+        prompt_ids, prefix_lens = softprompt_context.prompt_ids, softprompt_context.prefix_lens
+        prefix_positions = softprompt_context.num_prefix_positions
+    else:
+        prefix_k = prefix_v = key.new_zeros((1, key.shape[1], 0, key.shape[3]))
+        prompt_ids = prefix_lens = None
+        prefix_positions = 0
+    if sliding_window is not None and causal and prefix_positions + key.shape[2] > sliding_window:
+        raise NotImplementedError(
+            f"softprompt attention has no sliding window: {prefix_positions} prefix + {key.shape[2]} keys exceed "
+            f"the model's sliding_window={sliding_window}")
+    mask = attention_mask.bool() if attention_mask is not None else None
+    if dropout > 0.0:
+        # The fused kernels have no attention dropout: train with dropout on the (exact) PyTorch path.
+        _warn_once("dropout", "attention dropout > 0: softprompt attention runs the PyTorch path for it "
+                              "(the fused kernels have no dropout; set attention dropout to 0 for speed)")
+        inputs = validate_prefix_attention_args(query, key, value, prefix_k, prefix_v, prompt_ids, prefix_lens,
+                                                causal, mask, scaling)
+        out, _ = prefix_attention_torch(inputs, return_lse=False, dropout_p=dropout)
+    else:
+        out = prefix_attention(query, key, value, prefix_k, prefix_v, prompt_ids=prompt_ids,
+                               prefix_lens=prefix_lens, causal=causal, key_padding_mask=mask, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def softprompt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                    mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """The mask transformers builds for us: the 2D key padding mask (bool [B, kv_length]) or None."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:].bool()
+    if mask.shape[-1] != kv_length:
+        raise ValueError(f"attention_mask covers {mask.shape[-1]} keys but attention sees {kv_length} "
+                         "(static caches are not supported by softprompt attention)")
+    return mask
+
+
+def register() -> None:
+    """Makes ``attn_implementation="softprompt"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, softprompt_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, softprompt_mask)
+
+
+def use_softprompt_attention(model) -> str:
+    """Switches a transformers model to softprompt attention; returns the implementation it had."""
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    return previous

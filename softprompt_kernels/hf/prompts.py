@@ -1,0 +1,82 @@
+"""Per-layer prefixes from a PEFT prompt-learning adapter, computed once per batch (never per row).
+
+- Prefix tuning / P-Tuning v2: the prompt encoder's output ``[k, layers * 2 * Hkv * D]`` is viewed
+  as each layer's ``(prefix_k, prefix_v)`` ``[1, Hkv, k, D]`` (views of one tensor, no copies).
+- Prompt tuning / P-Tuning on a causal decoder (DESIGN.md section 3): the ``k`` prompt embeddings
+  run once through the frozen model (batch 1); each layer's cached K/V is that layer's prefix, and
+  the last prompt position's logits predict every row's first text token.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from .attention import SoftPromptContext
+
+Prefix = Tuple[torch.Tensor, torch.Tensor]
+
+
+def peft_type_name(peft_config) -> str:
+    peft_type = peft_config.peft_type
+    return getattr(peft_type, "value", str(peft_type))
+
+
+def prompt_encoder_output(peft_model) -> torch.Tensor:
+    """What PEFT's ``get_prompt`` computes for one row: ``[k, width]`` (differentiable)."""
+    config = peft_model.active_peft_config
+    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+    if config.inference_mode:
+        return encoder.embedding.weight
+    tokens = peft_model.prompt_tokens[peft_model.active_adapter][: config.num_virtual_tokens]
+    return encoder(tokens.to(encoder.embedding.weight.device)[None])[0]
+
+
+def prefix_tuning_layers(peft_model) -> List[Prefix]:
+    """Each layer's (prefix_k, prefix_v) ``[1, Hkv, k, D]`` for a PREFIX_TUNING adapter."""
+    config = peft_model.active_peft_config
+    out = prompt_encoder_output(peft_model)
+    dtype = getattr(peft_model, "base_model_torch_dtype", None)
+    if dtype is not None:
+        out = out.to(dtype)
+    k, heads = config.num_virtual_tokens, config.num_attention_heads
+    head_dim = config.token_dim // heads
+    per_layer = out.view(k, config.num_layers * 2, heads, head_dim).permute(1, 2, 0, 3)  # [2L, Hkv, k, D]
+    return [(per_layer[2 * i][None], per_layer[2 * i + 1][None]) for i in range(config.num_layers)]
+
+
+@dataclass
+class PromptPass:
+    """The prompt run once through a causal decoder: per-layer K/V and the last position's logits."""
+
+    layers: List[Prefix]
+    last_logits: Optional[torch.Tensor]  # [1, vocab]
+
+
+def cache_argument(model) -> str:
+    """The name of the model's cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def run_prompt_once(peft_model, model, prompts: torch.Tensor, want_logits: bool = True) -> PromptPass:
+    """Runs ``prompts [1, k, hidden]`` through ``model`` (a causal LM on softprompt attention)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(inputs_embeds=prompts, use_cache=True, logits_to_keep=1 if want_logits else 0,
+                **{cache_argument(model): cache})
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    return PromptPass(layers, out.logits[:, -1] if want_logits else None)
+
+
+def prompt_embeddings(peft_model, model) -> torch.Tensor:
+    """PROMPT_TUNING / P_TUNING prompt ``[1, k, hidden]`` in the model's embedding dtype."""
+    prompts = prompt_encoder_output(peft_model)[None]
+    return prompts.to(model.get_input_embeddings().weight.dtype)
+
+
+def context_for(layers: List[Prefix], num_prefix_positions: int) -> SoftPromptContext:
+    return SoftPromptContext(layer_prefixes=layers, num_prefix_positions=num_prefix_positions)
