@@ -1,6 +1,7 @@
 """softprompt-kernels: fused kernels and PyTorch ops for soft-prompt methods over frozen models."""
 from ._validation import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError
 from .attention import not_supported_reasons, prefix_attention, resolve_backend
+from .insertion import insert_prompt
 from .backends import PerformanceWarning, available_backends, backend_status
 from .triton.op import prefix_grad_mode, set_prefix_grad_mode  # registers the triton backend
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "prefix_attention",
+    "insert_prompt",
     "available_backends",
     "backend_status",
     "set_prefix_grad_mode",

@@ -17,11 +17,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..insertion import insert_prompt
 from .attention import use_softprompt_attention
 from .families import family_of
 from .prompts import cache_argument, context_for, peft_type_name, prefix_tuning_layers, prompt_embeddings, run_prompt_once
 
 SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+DECODER_TASKS = ("CAUSAL_LM",)
+ENCODER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
 _STATE = "_softprompt_state"
 
 
@@ -42,15 +45,19 @@ def accelerate(peft_model):
         raise AccelerationError(f"peft_type {method} is not supported; supported: {list(SUPPORTED_METHODS)}")
     model = peft_model.get_base_model()
     family = family_of(model.config)
-    if not family.causal:
-        raise AccelerationError(f"{family.model_type} (an encoder) is not accelerated yet; causal decoders are")
-    if getattr(config, "task_type", None) not in ("CAUSAL_LM", None) and str(config.task_type) != "TaskType.CAUSAL_LM":
-        raise AccelerationError(f"task_type {config.task_type} is not accelerated yet; CAUSAL_LM is")
+    task = getattr(config.task_type, "value", config.task_type)
+    tasks = DECODER_TASKS if family.causal else ENCODER_TASKS
+    if task not in tasks:
+        kind = "causal decoders" if family.causal else "encoders"
+        raise AccelerationError(f"task_type {task} on {family.model_type} is not supported; {kind} take {list(tasks)}")
     previous_attention = use_softprompt_attention(model)
     setattr(peft_model, _STATE, {"attention": previous_attention})
-    forward = _prefix_forward if method == "PREFIX_TUNING" else _prompt_forward
+    if family.causal:
+        forward = _prefix_forward if method == "PREFIX_TUNING" else _prompt_forward
+        peft_model.generate = _generate.__get__(peft_model)
+    else:
+        forward = _encoder_prefix_forward if method == "PREFIX_TUNING" else _encoder_prompt_forward
     peft_model.forward = forward.__get__(peft_model)
-    peft_model.generate = _generate.__get__(peft_model)
     return peft_model
 
 
@@ -79,11 +86,16 @@ def _pop_cache(kwargs):
     return cache if cache is not None else legacy
 
 
-def _text_positions(family, k: int, batch: int, length: int, past: int, attention_mask, device):
+def _text_positions(family, k: int, batch: int, length: int, past: int, attention_mask, device, model=None):
     """Positions of the text tokens [B, length] when k prompt positions precede them (PEFT's numbering)."""
-    if family.positions == "mask_cumsum" and attention_mask is not None:
-        mask = attention_mask.long()
-        positions = torch.where(mask.bool(), k + mask.cumsum(-1) - 1, torch.full_like(mask, -1))
+    if family.positions in ("mask_cumsum", "padding_cumsum"):
+        mask = (attention_mask if attention_mask is not None
+                else torch.ones(batch, past + length, dtype=torch.long, device=device)).long()
+        if family.positions == "mask_cumsum":
+            positions = torch.where(mask.bool(), k + mask.cumsum(-1) - 1, torch.full_like(mask, -1))
+        else:
+            padding_idx = model.config.pad_token_id
+            positions = (k + mask.cumsum(-1)) * mask + padding_idx
         return positions[:, -length:]
     return (k + past + torch.arange(length, device=device))[None].expand(batch, length)
 
@@ -154,6 +166,63 @@ def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None):
                            ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
     return (first + rest) / count
+
+
+# --- encoders (bidirectional attention)
+
+
+def _encoder_prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                            output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                            position_ids=None, **kwargs):
+    """P-Tuning v2 on an encoder: every layer's prefix into non-causal prefix_attention."""
+    config = self.active_peft_config
+    model = self.get_base_model()
+    k = config.num_virtual_tokens
+    batch, length, device = _batch_and_length(input_ids, inputs_embeds)
+    if position_ids is None:
+        position_ids = _text_positions(family_of(model.config), k, batch, length, 0, attention_mask, device, model)
+    else:
+        position_ids = position_ids + k
+    return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                 position_ids=position_ids, output_attentions=output_attentions,
+                 output_hidden_states=output_hidden_states, return_dict=True,
+                 softprompt_context=context_for(prefix_tuning_layers(self), k), **kwargs)
+
+
+def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                            output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                            position_ids=None, token_type_ids=None, **kwargs):
+    """Prompt/P-tuning on an encoder: the prompt inserted into the layer-0 input, as PEFT does.
+
+    Token classification returns logits for the text tokens only, so that labels [B, n] line up.
+    """
+    config = self.active_peft_config
+    model = self.get_base_model()
+    k = config.num_virtual_tokens
+    batch, length, device = _batch_and_length(input_ids, inputs_embeds)
+    if position_ids is not None:
+        warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+    prompt = prompt_embeddings(self, model)[0]
+    embedding = model.get_input_embeddings()
+    if inputs_embeds is None:
+        inputs = insert_prompt(input_ids, embedding.weight, prompt)
+    else:
+        inputs = torch.cat([prompt.to(inputs_embeds.dtype).expand(batch, -1, -1), inputs_embeds], dim=1)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
+    if token_type_ids is not None:
+        token_type_ids = torch.cat([token_type_ids.new_zeros(batch, k), token_type_ids], dim=1)
+    task = getattr(config.task_type, "value", config.task_type)
+    per_token = task == "TOKEN_CLS"
+    out = model(inputs_embeds=inputs, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                labels=None if per_token else labels, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+    if per_token:
+        out.logits = out.logits[:, k:]
+        if labels is not None:
+            out.loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
+                                       labels.to(out.logits.device).reshape(-1), ignore_index=-100)
+    return out
 
 
 # --- generation

@@ -8,8 +8,12 @@ positions precede them (PEFT's conventions, which the accelerated path reproduce
   computed from the cache position: llama, mistral, qwen2, qwen3, gemma, gpt2, gpt_neox);
 - ``"mask_cumsum"``: OPT derives positions from the attention mask: k + (number of real tokens up
   to here) - 1, and -1 on padding.
-- ``"encoder"``: encoders number the prompt positions 0..k-1 and the text after them (the prompt is
-  inserted into the layer-0 input, so the model's own numbering applies).
+- ``"padding_cumsum"``: RoBERTa numbers real tokens from ``padding_idx + 1`` by counting them, and
+  gives padding ``padding_idx``; with a k-slot prefix the count starts at k.
+
+For encoders these rules apply to prefix tuning (P-Tuning v2), numbered as transformers 4.x numbered
+text after a k-slot cache; with prompt/P-tuning the prompt is inserted into the layer-0 input and
+the model numbers the whole sequence itself, exactly as PEFT does.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Dict
 class Family:
     model_type: str
     causal: bool
-    positions: str  # "index" | "mask_cumsum" | "encoder"
+    positions: str  # "index" | "mask_cumsum" | "padding_cumsum"
 
 
 FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
@@ -33,8 +37,8 @@ FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
     Family("gpt2", True, "index"),
     Family("gpt_neox", True, "index"),
     Family("opt", True, "mask_cumsum"),
-    Family("bert", False, "encoder"),
-    Family("roberta", False, "encoder"),
+    Family("bert", False, "index"),
+    Family("roberta", False, "padding_cumsum"),
 )}
 
 
