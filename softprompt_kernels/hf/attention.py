@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,10 +33,16 @@ class SoftPromptContext:
     how many slots each prompt uses, exactly as in ``prefix_attention``.
     """
 
-    layer_prefixes: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+    layer_prefixes: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]]
     prompt_ids: Optional[torch.Tensor] = None
     prefix_lens: Optional[torch.Tensor] = None
     num_prefix_positions: int = 0  # positions the prefix occupies before the text (sliding-window check)
+    # Capture mode (the batch-1 prompt pass): no prefix; each layer records its (key, value) here.
+    captured: Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None
+
+    @classmethod
+    def capturing(cls, num_layers: int) -> "SoftPromptContext":
+        return cls(layer_prefixes=None, captured=[None] * num_layers)
 
     def prefix(self, layer_idx: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         if layer_idx is None or not 0 <= layer_idx < len(self.layer_prefixes):
@@ -69,8 +75,12 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
                          f"{attention_mask.dim()}D attention_mask (pass a 2D 0/1 attention_mask to the model)")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     layer_idx = getattr(module, "layer_idx", None)
+    query, key, value = _common_dtype(query, key, value)
+    if softprompt_context is not None and softprompt_context.captured is not None:
+        softprompt_context.captured[layer_idx] = (key, value)
+        softprompt_context = None
     if softprompt_context is not None:
-        prefix_k, prefix_v = softprompt_context.prefix(layer_idx)
+        prefix_k, prefix_v = (p.to(query.dtype) for p in softprompt_context.prefix(layer_idx))
         prompt_ids, prefix_lens = softprompt_context.prompt_ids, softprompt_context.prefix_lens
         prefix_positions = softprompt_context.num_prefix_positions
     else:
@@ -93,6 +103,16 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
         out = prefix_attention(query, key, value, prefix_k, prefix_v, prompt_ids=prompt_ids,
                                prefix_lens=prefix_lens, causal=causal, key_padding_mask=mask, scale=scaling)
     return out.transpose(1, 2), None
+
+
+def _common_dtype(query, key, value):
+    """One dtype for the op: autocast's where it is on (as SDPA would run), else the query's."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = query.dtype
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 def softprompt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,

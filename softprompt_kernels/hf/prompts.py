@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -62,14 +63,28 @@ def cache_argument(model) -> str:
 
 
 def run_prompt_once(peft_model, model, prompts: torch.Tensor, want_logits: bool = True) -> PromptPass:
-    """Runs ``prompts [1, k, hidden]`` through ``model`` (a causal LM on softprompt attention)."""
-    from transformers import DynamicCache
+    """Runs ``prompts [1, k, hidden]`` through ``model`` (a causal LM on softprompt attention).
 
-    cache = DynamicCache(config=model.config)
-    out = model(inputs_embeds=prompts, use_cache=True, logits_to_keep=1 if want_logits else 0,
-                **{cache_argument(model): cache})
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
-    return PromptPass(layers, out.logits[:, -1] if want_logits else None)
+    Each attention layer records its K/V into the context (no KV cache involved, so it works with
+    caching off and under activation checkpointing, which this short batch-1 pass does not need).
+    """
+    capture = SoftPromptContext.capturing(model.config.get_text_config().num_hidden_layers)
+    with _without_activation_checkpointing(model):
+        out = model(inputs_embeds=prompts, use_cache=False, logits_to_keep=1 if want_logits else 0,
+                    softprompt_context=capture)
+    return PromptPass(list(capture.captured), out.logits[:, -1] if want_logits else None)
+
+
+@contextlib.contextmanager
+def _without_activation_checkpointing(model):
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
 
 
 def prompt_embeddings(peft_model, model) -> torch.Tensor:
