@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..insertion import insert_prompt
 from .attention import use_softprompt_attention
 from .families import family_of
+from .multi_prompt import build_bank
 from .prompts import cache_argument, context_for, peft_type_name, prefix_tuning_layers, prompt_embeddings, run_prompt_once
 
 SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
@@ -87,7 +88,12 @@ def _pop_cache(kwargs):
 
 
 def _text_positions(family, k: int, batch: int, length: int, past: int, attention_mask, device, model=None):
-    """Positions of the text tokens [B, length] when k prompt positions precede them (PEFT's numbering)."""
+    """Positions of the text tokens [B, length] when k prompt positions precede them (PEFT's numbering).
+
+    ``k`` is an int, or a tensor [B] when rows use prompts of different lengths.
+    """
+    if isinstance(k, torch.Tensor):
+        k = k[:, None]
     if family.positions in ("mask_cumsum", "padding_cumsum"):
         mask = (attention_mask if attention_mask is not None
                 else torch.ones(batch, past + length, dtype=torch.long, device=device)).long()
@@ -97,7 +103,7 @@ def _text_positions(family, k: int, batch: int, length: int, past: int, attentio
             padding_idx = model.config.pad_token_id
             positions = (k + mask.cumsum(-1)) * mask + padding_idx
         return positions[:, -length:]
-    return (k + past + torch.arange(length, device=device))[None].expand(batch, length)
+    return (k + past + torch.arange(length, device=device)[None]).expand(batch, length)
 
 
 def _batch_and_length(input_ids, inputs_embeds):
@@ -113,55 +119,75 @@ def _batch_and_length(input_ids, inputs_embeds):
 def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                     output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
                     position_ids=None, **kwargs):
-    config = self.active_peft_config
     model = self.get_base_model()
-    k = config.num_virtual_tokens
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is not None:
+        bank = build_bank(self, model, adapter_names, batch, device, want_logits=False)
+        k, context = bank.row_lengths, bank.context
+    else:
+        k = self.active_peft_config.num_virtual_tokens
+        context = context_for(prefix_tuning_layers(self), k)
     cache = _pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     if position_ids is None:
         position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
     else:
-        position_ids = position_ids + k  # PEFT offsets explicit positions by the prefix length
+        position_ids = position_ids + (k[:, None] if isinstance(k, torch.Tensor) else k)  # PEFT's offset
     if cache is not None:
         kwargs[cache_argument(model)] = cache
     return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                  position_ids=position_ids, output_attentions=output_attentions,
-                 output_hidden_states=output_hidden_states, return_dict=True,
-                 softprompt_context=context_for(prefix_tuning_layers(self), k), **kwargs)
+                 output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
 
 
 def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                     output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
                     position_ids=None, **kwargs):
-    config = self.active_peft_config
     model = self.get_base_model()
-    k = config.num_virtual_tokens
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
     if position_ids is not None:
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+    adapter_names = kwargs.pop("adapter_names", None)
+    has_prompt = None
+    if adapter_names is not None:
+        bank = build_bank(self, model, adapter_names, batch, device, want_logits=labels is not None)
+        k, context, first_logits = bank.row_lengths, bank.context, bank.first_logits
+        has_prompt = bank.row_lengths > 0
+    else:
+        k = self.active_peft_config.num_virtual_tokens
+        prompt_pass = run_prompt_once(self, model, prompt_embeddings(self, model), want_logits=labels is not None)
+        context, first_logits = context_for(prompt_pass.layers, k), prompt_pass.last_logits
     cache = _pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
-    prompt_pass = run_prompt_once(self, model, prompt_embeddings(self, model), want_logits=labels is not None)
     position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
     if cache is not None:
         kwargs[cache_argument(model)] = cache
     num_items = kwargs.pop("num_items_in_batch", None)
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 position_ids=position_ids, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, return_dict=True,
-                softprompt_context=context_for(prompt_pass.layers, k), **kwargs)
+                output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
     if labels is not None:
-        out.loss = _prompt_lm_loss(prompt_pass.last_logits, out.logits, labels, num_items)
+        out.loss = _prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt)
     return out
 
 
-def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None):
-    """PEFT's loss over [prompt; text]: the last prompt position predicts labels[:, 0] of every row."""
+def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, has_prompt=None):
+    """PEFT's loss over [prompt; text]: the last prompt position predicts labels[:, 0] of every row.
+
+    ``first_logits`` is [1, V] (one prompt) or [B, V] (a row's own); rows without a prompt
+    (``has_prompt`` False) have no position before their first token, so it is not predicted.
+    """
     vocab = text_logits.shape[-1]
     labels = labels.to(text_logits.device)
-    first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), labels[:, 0], ignore_index=-100,
-                            reduction="sum")
+    first_labels = labels[:, 0] if has_prompt is None else torch.where(has_prompt, labels[:, 0], -100)
+    if has_prompt is not None:
+        labels = torch.cat([first_labels[:, None], labels[:, 1:]], dim=1)
+    if first_logits is None:  # no row has a prompt
+        first = text_logits.new_zeros((), dtype=torch.float32)
+    else:
+        first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), first_labels,
+                                ignore_index=-100, reduction="sum")
     rest = F.cross_entropy(text_logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
                            ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()

@@ -25,20 +25,22 @@ def peft_type_name(peft_config) -> str:
     return getattr(peft_type, "value", str(peft_type))
 
 
-def prompt_encoder_output(peft_model) -> torch.Tensor:
+def prompt_encoder_output(peft_model, adapter: Optional[str] = None) -> torch.Tensor:
     """What PEFT's ``get_prompt`` computes for one row: ``[k, width]`` (differentiable)."""
-    config = peft_model.active_peft_config
-    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+    adapter = adapter or peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    encoder = peft_model.prompt_encoder[adapter]
     if config.inference_mode:
         return encoder.embedding.weight
-    tokens = peft_model.prompt_tokens[peft_model.active_adapter][: config.num_virtual_tokens]
+    tokens = peft_model.prompt_tokens[adapter][: config.num_virtual_tokens]
     return encoder(tokens.to(encoder.embedding.weight.device)[None])[0]
 
 
-def prefix_tuning_layers(peft_model) -> List[Prefix]:
+def prefix_tuning_layers(peft_model, adapter: Optional[str] = None) -> List[Prefix]:
     """Each layer's (prefix_k, prefix_v) ``[1, Hkv, k, D]`` for a PREFIX_TUNING adapter."""
-    config = peft_model.active_peft_config
-    out = prompt_encoder_output(peft_model)
+    adapter = adapter or peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    out = prompt_encoder_output(peft_model, adapter)
     dtype = getattr(peft_model, "base_model_torch_dtype", None)
     if dtype is not None:
         out = out.to(dtype)
@@ -87,9 +89,9 @@ def _without_activation_checkpointing(model):
             layer.gradient_checkpointing = True
 
 
-def prompt_embeddings(peft_model, model) -> torch.Tensor:
+def prompt_embeddings(peft_model, model, adapter: Optional[str] = None) -> torch.Tensor:
     """PROMPT_TUNING / P_TUNING prompt ``[1, k, hidden]`` in the model's embedding dtype."""
-    prompts = prompt_encoder_output(peft_model)[None]
+    prompts = prompt_encoder_output(peft_model, adapter)[None]
     return prompts.to(model.get_input_embeddings().weight.dtype)
 
 

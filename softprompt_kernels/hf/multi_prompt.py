@@ -1,0 +1,80 @@
+"""Batches whose rows use different prompt adapters: one bank, ``prompt_ids`` per row.
+
+``model(input_ids, ..., adapter_names=["a", "b", None, "a"])`` on an accelerated PEFT model that holds
+several prompt-learning adapters of one kind: each distinct adapter's per-layer prefix is computed once
+(prefix tuning: its encoder; prompt/P-tuning: one batch-1 pass of its prompt), the prefixes are padded to
+the longest and stacked into a bank ``[P, Hkv, K, D]`` per layer, and every row attends to its own
+through ``prompt_ids`` and ``prefix_lens`` (``None``: the bare model for that row). Text positions of a
+row start at its adapter's length. Multi-task prompt training and prompt ensembling (one example
+repeated with N adapters) are this call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .attention import SoftPromptContext
+from .prompts import peft_type_name, prefix_tuning_layers, prompt_embeddings, run_prompt_once
+
+
+@dataclass
+class PromptBank:
+    context: SoftPromptContext
+    row_lengths: torch.Tensor             # [B] prompt length of each row (0 without a prompt)
+    first_logits: Optional[torch.Tensor]  # [B, vocab] the last prompt position's logits per row (prompt methods)
+
+
+def check_adapter_names(peft_model, adapter_names: Sequence[Optional[str]], batch: int) -> List[str]:
+    """The distinct adapters, in order of first use; errors name what is wrong."""
+    if len(adapter_names) != batch:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
+    distinct = [name for name in dict.fromkeys(adapter_names) if name is not None]
+    unknown = [name for name in distinct if name not in peft_model.peft_config]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; this model has {sorted(peft_model.peft_config)}")
+    kinds = {peft_type_name(peft_model.peft_config[name]) for name in distinct}
+    if len(kinds) > 1:
+        raise ValueError(f"adapters of one batch must be of one kind, got {sorted(kinds)}")
+    return distinct
+
+
+def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch: int, device,
+               want_logits: bool) -> PromptBank:
+    distinct = check_adapter_names(peft_model, adapter_names, batch)
+    index = {name: i for i, name in enumerate(distinct)}
+    prompt_ids = torch.tensor([index[name] if name is not None else -1 for name in adapter_names], device=device)
+    lengths = torch.tensor([peft_model.peft_config[name].num_virtual_tokens for name in distinct], device=device)
+    prefix_method = bool(distinct) and peft_type_name(peft_model.peft_config[distinct[0]]) == "PREFIX_TUNING"
+    first = None
+    if prefix_method:
+        per_adapter = [prefix_tuning_layers(peft_model, name) for name in distinct]
+    else:
+        passes = [run_prompt_once(peft_model, model, prompt_embeddings(peft_model, model, name), want_logits)
+                  for name in distinct]
+        per_adapter = [p.layers for p in passes]
+        if want_logits and distinct:
+            first = torch.cat([p.last_logits for p in passes])[prompt_ids.clamp(min=0)]
+    num_layers = model.config.get_text_config().num_hidden_layers
+    width = int(lengths.max()) if distinct else 0
+    layers = [(_stack([a[i][0] for a in per_adapter], width), _stack([a[i][1] for a in per_adapter], width))
+              for i in range(num_layers)] if distinct else [_empty_prefix(model, device)] * num_layers
+    row_lengths = torch.where(prompt_ids >= 0, lengths[prompt_ids.clamp(min=0)] if distinct else 0, 0)
+    context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids, prefix_lens=lengths if distinct else
+                                None, num_prefix_positions=width)
+    return PromptBank(context, row_lengths, first)
+
+
+def _stack(prefixes, width: int) -> torch.Tensor:
+    """[1, Hkv, k_a, D] each -> [P, Hkv, width, D] (zeros past each adapter's length; never read)."""
+    return torch.cat([F.pad(p, (0, 0, 0, width - p.shape[2])) for p in prefixes])
+
+
+def _empty_prefix(model, device):
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    empty = torch.zeros((0, heads, 0, head_dim), device=device, dtype=model.dtype)
+    return empty, empty
