@@ -21,8 +21,10 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
+from softprompt_kernels.profiling import peak_memory_mb
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BASELINE = "torch"
+BASELINES = ("torch", "peft")  # the provider ratios are taken against: the first one present
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
 
@@ -212,65 +214,6 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: torch.device,
     return _time_cuda(fns, timing, device) if device.type == "cuda" else _time_cpu(fns, timing)
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silences fd 2: kineto prints a line on every profiler start and stop."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _cpu_peak_bytes(fn: Callable[[], Any]) -> Optional[int]:
-    """Peak of bytes allocated minus freed through the CPU allocator during one call.
-
-    ``torch.profiler`` with ``profile_memory=True`` records each tensor allocation and free
-    (``[memory]`` events with signed sizes; backward's show up too), so a running sum in
-    time order gives the peak live memory the call added on top of what existed before
-    it: temporaries, saved activations, outputs and gradients; not the inputs. Memory a
-    kernel takes outside torch's allocator (a ``std::vector`` workspace) is not seen.
-    Returns None when this torch's profiler does not expose the events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
-    try:
-        events = prof.profiler.kineto_results.events()
-    except AttributeError:
-        return None
-    sizes = sorted((e.start_ns(), e.nbytes()) for e in events
-                   if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in sizes:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
-    """Peak memory one call allocates above what was allocated before it, in MiB.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
-    allocation at the start. CPU: see :func:`_cpu_peak_bytes`. Run outside the timed loop
-    (the profiler slows every op down)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        peak = _cpu_peak_bytes(fn)
-        return None if peak is None else peak / 2**20
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    result = fn()
-    torch.cuda.synchronize(device)
-    del result
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
 def _runnable(setup: CaseSetup, device: torch.device, notes: List[str]) -> Dict[str, Callable[[], Any]]:
     """Providers whose first call succeeds; one that runs out of memory or fails is dropped with a note."""
     ok = {}
@@ -356,15 +299,21 @@ def _by_case(records: Sequence[Record]) -> Dict[str, Dict[str, Record]]:
     return cases
 
 
+def baseline_of(records: Sequence[Record]) -> Optional[str]:
+    present = {r.provider for r in records}
+    return next((name for name in BASELINES if name in present), None)
+
+
 def _providers(records: Sequence[Record]) -> List[str]:
     names = list(dict.fromkeys(r.provider for r in records))
-    return sorted(names, key=lambda n: n != BASELINE)  # baseline first, others in run order
+    baseline = baseline_of(records)
+    return sorted(names, key=lambda n: n != baseline)  # baseline first, others in run order
 
 
-def _speedup(case: Dict[str, Record], name: str) -> Optional[float]:
-    if BASELINE not in case or name not in case:
+def _speedup(case: Dict[str, Record], name: str, baseline: Optional[str]) -> Optional[float]:
+    if baseline not in case or name not in case:
         return None
-    return case[BASELINE].ms / case[name].ms
+    return case[baseline].ms / case[name].ms
 
 
 def _column_group(title: str, names: List[str], values: Dict[str, List[Optional[float]]], fmt: str,
@@ -378,7 +327,7 @@ def _column_group(title: str, names: List[str], values: Dict[str, List[Optional[
 
 
 def format_table(records: Sequence[Record]) -> str:
-    """Fixed-width table: one row per case; ms, speed-up vs torch and peak MiB per provider."""
+    """Fixed-width table: one row per case; ms, speed-up vs the baseline and peak MiB per provider."""
     if not records:
         return "(no records)"
     names = _providers(records)
@@ -387,10 +336,12 @@ def format_table(records: Sequence[Record]) -> str:
     def column(get) -> Dict[str, List[Optional[float]]]:
         return {n: [get(case, n) if n in case else None for case in cases.values()] for n in names}
 
+    baseline = baseline_of(records)
     groups = [_column_group("ms per call", names, column(lambda c, n: c[n].ms), ".3f", 10)]
-    others = [n for n in names if n != BASELINE]
-    if others and BASELINE in names:
-        groups.append(_column_group(f"speed-up vs {BASELINE}", others, column(_speedup), ".2f", 10))
+    others = [n for n in names if n != baseline]
+    if others and baseline is not None:
+        groups.append(_column_group(f"speed-up vs {baseline}", others,
+                                    column(lambda c, n: _speedup(c, n, baseline)), ".2f", 10))
     groups.append(_column_group("peak MiB", names, column(lambda c, n: c[n].peak_mem_mb), ".2f", 10))
     width = max(len("case"), *(len(c) for c in cases))
     first = ["", "case", *cases]
@@ -411,17 +362,17 @@ def plot(records: Sequence[Record], png_path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases, names = _by_case(records), _providers(records)
+    cases, names, baseline = _by_case(records), _providers(records), baseline_of(records)
     labels = list(cases)
     width = 0.8 / max(1, len(names))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(labels) + 3), 9), sharex=True)
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(labels))]
         top.bar(xs, [cases[c][name].tflops if name in cases[c] else 0.0 for c in labels], width, label=name)
-        bottom.bar(xs, [_speedup(cases[c], name) or 0.0 for c in labels], width, label=name)
+        bottom.bar(xs, [_speedup(cases[c], name, baseline) or 0.0 for c in labels], width, label=name)
     bottom.axhline(1.0, color="black", linewidth=0.8)
     top.set_ylabel("TFLOP/s")
-    bottom.set_ylabel(f"speed-up vs {BASELINE} (x)")
+    bottom.set_ylabel(f"speed-up vs {baseline} (x)")
     top.set_title(f"{records[0].bench} on {records[0].device} ({records[0].commit})" if records else "")
     top.legend()
     bottom.set_xticks(range(len(labels)))

@@ -15,7 +15,12 @@ import torch
 
 import softprompt_kernels
 from benchmarks import harness
+from benchmarks import peft_training_cases
 from benchmarks import prefix_attention_cases as cases
+
+# Every benchmark module: BENCH, SUITES, build(case, device, providers), known_providers().
+MODULES = (cases, peft_training_cases)
+ALL_SUITES = {name: module for module in MODULES for name in module.SUITES}
 
 DEFAULT_OUT = "bench-out"
 
@@ -26,33 +31,34 @@ def default_suite(quick: bool = False) -> str:
     return f"{base}-quick" if quick else base
 
 
-def _check_providers(providers: Optional[Sequence[str]]) -> None:
+def _check_providers(module, providers: Optional[Sequence[str]]) -> None:
     if providers is None:
         return
-    unknown = sorted(set(providers) - set(cases.known_providers()))
+    unknown = sorted(set(providers) - set(module.known_providers()))
     if unknown:
-        raise SystemExit(f"unknown provider(s) {unknown}; this install has {cases.known_providers()}")
+        raise SystemExit(f"unknown provider(s) {unknown}; this benchmark has {module.known_providers()}")
 
 
 def run_bench(suite: str, out: str = DEFAULT_OUT, reps: Optional[int] = None,
               providers: Optional[Sequence[str]] = None,
               min_time_s: Optional[float] = None) -> List[harness.Record]:
     """Runs ``suite``, writes its JSON and PNG under ``out``, prints the table last."""
-    if suite not in cases.SUITES:
-        raise SystemExit(f"unknown suite {suite!r}; choose one of {sorted(cases.SUITES)}")
-    spec = cases.SUITES[suite]
+    if suite not in ALL_SUITES:
+        raise SystemExit(f"unknown suite {suite!r}; choose one of {sorted(ALL_SUITES)}")
+    module = ALL_SUITES[suite]
+    spec = module.SUITES[suite]
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"suite {suite!r} needs a CUDA device and none is available")
-    _check_providers(providers)
+    _check_providers(module, providers)
     timing = spec.timing
     if reps is not None:
         timing = replace(timing, reps=reps)
     if min_time_s is not None:
         timing = replace(timing, min_time_s=min_time_s)
     device = torch.device(spec.device)
-    print(f"{cases.BENCH} suite {suite!r}: {len(spec.cases)} cases on {harness.device_name(device)}; "
+    print(f"{module.BENCH} suite {suite!r}: {len(spec.cases)} cases on {harness.device_name(device)}; "
           f"backends here: {', '.join(softprompt_kernels.available_backends())}", flush=True)
-    records = harness.run_cases(cases.BENCH, spec.cases, lambda c: cases.build(c, device, providers),
+    records = harness.run_cases(module.BENCH, spec.cases, lambda c: module.build(c, device, providers),
                                 device, timing)
     _write(records, Path(out), suite)
     harness.print_table(records)
@@ -69,7 +75,7 @@ def _write(records: List[harness.Record], out: Path, suite: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default=None, choices=sorted(cases.SUITES),
+    parser.add_argument("--suite", default=None, choices=sorted(ALL_SUITES),
                         help="default: gpu when CUDA is available, else cpu")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
     parser.add_argument("--reps", type=int, default=None,

@@ -28,7 +28,8 @@ namespace softprompt::cpu {
 namespace {
 
 constexpr int64_t kKeyBlock = 128;   // keys per chunk
-constexpr int64_t kTargetRows = 64;  // stacked (head, query) rows per block
+constexpr int64_t kTargetRows = 64;           // stacked (head, query) rows per forward block
+constexpr int64_t kTargetRowsBackward = 64;   // and per backward block
 
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -38,9 +39,9 @@ constexpr acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
-int64_t queries_per_block(const PrefixAttentionParams& p) {
+int64_t queries_per_block(const PrefixAttentionParams& p, int64_t target_rows = kTargetRows) {
   const int64_t group = p.heads_q / p.heads_kv;
-  const int64_t bq = std::max<int64_t>(1, kTargetRows / group);
+  const int64_t bq = std::max<int64_t>(1, target_rows / group);
   return std::min<int64_t>(bq, std::max<int64_t>(p.len_q, 1));
 }
 
@@ -231,7 +232,7 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
                        Workspace<acc_type_t<scalar_t>>& ws) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t group = p.heads_q / p.heads_kv, D = p.head_dim, Lk = p.len_k;
-  const int64_t bq = queries_per_block(p);
+  const int64_t bq = queries_per_block(p, kTargetRowsBackward);
   std::fill(ws.dk.begin(), ws.dk.end(), acc_t(0));
   std::fill(ws.dv.begin(), ws.dv.end(), acc_t(0));
 
@@ -361,7 +362,7 @@ void prefix_attention_backward(const PrefixAttentionGradParams& p) {
   // Per-(row, kv head) prefix gradients; only slots < prefix_len are written and read.
   auto* partial_k = static_cast<acc_t*>(p.prefix_partial_k);
   auto* partial_v = static_cast<acc_t*>(p.prefix_partial_v);
-  const int64_t rows = (p.heads_q / Hkv) * queries_per_block(p);
+  const int64_t rows = (p.heads_q / Hkv) * queries_per_block(p, kTargetRowsBackward);
   at::parallel_for(0, p.batch * Hkv, 1, [&](int64_t begin, int64_t end) {
     Workspace<acc_t> ws(rows, D, /*backward=*/true, p.len_k);
     for (int64_t item = begin; item < end; ++item) {

@@ -1,0 +1,129 @@
+"""End-to-end training-step benchmark: PEFT prompt learning vs the accelerated model vs the bare model.
+
+Providers of a case (one forward + backward with labels, gradients by ``torch.autograd.grad`` so that
+nothing accumulates between calls):
+
+- ``bare``: the frozen model alone, gradients to its input embeddings (what prompt tuning can at best cost);
+- ``peft``: Hugging Face PEFT as users run it;
+- ``accelerated``: the same PEFT model after ``softprompt_kernels.accelerate``.
+
+Every provider gets its own copy of the same weights (``accelerate`` changes a model in place).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from benchmarks.harness import CaseSetup, Suite, Timing
+
+BENCH = "peft_training_step"
+PROVIDERS = ("bare", "peft", "accelerated")
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str  # "prompt" | "prefix"
+    B: int
+    n: int
+    k: int
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 1000
+    intermediate: int = 688
+    dtype: str = "float32"
+
+    @property
+    def name(self) -> str:
+        return (f"llama h{self.hidden} L{self.layers} H{self.heads}/{self.kv_heads} {self.method} B{self.B} "
+                f"n{self.n} k{self.k} {self.dtype}")
+
+    def config(self) -> Dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+def _llama(case: Case, device):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=case.hidden, intermediate_size=case.intermediate, num_hidden_layers=case.layers,
+        num_attention_heads=case.heads, num_key_value_heads=case.kv_heads, vocab_size=case.vocab,
+        max_position_embeddings=case.n + case.k + 16, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(device=device, dtype=getattr(torch, case.dtype)).train()
+
+
+def _peft_config(case: Case):
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
+    if case.method == "prompt":
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=case.k)
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=case.k)
+
+
+def flops(case: Case) -> float:
+    """Approximate: 6 FLOPs per parameter and token of the frozen matmuls (forward + backward)."""
+    per_layer = 4 * case.hidden * case.hidden + 3 * case.hidden * case.intermediate
+    params = case.layers * per_layer + case.hidden * case.vocab
+    return 6.0 * params * case.B * case.n
+
+
+def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup:
+    import softprompt_kernels as sk
+    from peft import get_peft_model
+
+    wanted = (lambda name: only is None or name in only)
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, case.vocab, (case.B, case.n), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    base = _llama(case, device)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    providers: Dict[str, Callable[[], Any]] = {}
+    if wanted("bare"):
+        def bare():
+            embeds = base.get_input_embeddings()(ids).detach().requires_grad_()
+            loss = base(inputs_embeds=embeds, attention_mask=mask, labels=ids).loss
+            return torch.autograd.grad(loss, [embeds])
+        providers["bare"] = bare
+    for name in ("peft", "accelerated"):
+        if not wanted(name):
+            continue
+        model = get_peft_model(copy.deepcopy(base), _peft_config(case))
+        if name == "accelerated":
+            sk.accelerate(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        providers[name] = _step(model, params, ids, mask)
+    return CaseSetup(config=case.config(), flops=flops(case), bytes=0.0, providers=providers)
+
+
+def _step(model, params, ids, mask):
+    def step():
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        return torch.autograd.grad(loss, params)
+    return step
+
+
+def known_providers() -> List[str]:
+    return list(PROVIDERS)
+
+
+_ACCEPTANCE_CPU = Case("prompt", B=16, n=128, k=100)  # tiny Llama-shaped model of the issue
+_GPU_1B = Case("prompt", B=32, n=256, k=100, hidden=2048, layers=16, heads=32, kv_heads=8, vocab=32000,
+               intermediate=5632, dtype="bfloat16")
+
+SUITES: Dict[str, Suite] = {
+    "peft-cpu": Suite("peft-cpu", "cpu", [_ACCEPTANCE_CPU, replace(_ACCEPTANCE_CPU, method="prefix")],
+                      Timing(reps=10, warmup=2, min_time_s=5.0)),
+    "peft-cpu-quick": Suite("peft-cpu-quick", "cpu", [Case("prompt", B=2, n=16, k=8, hidden=64, layers=2, heads=4,
+                                                           kv_heads=2, vocab=100, intermediate=96)],
+                            Timing(reps=3, warmup=1, min_time_s=0.05)),
+    "peft-gpu": Suite("peft-gpu", "cuda", [_GPU_1B, replace(_GPU_1B, method="prefix")],
+                      Timing(reps=5, min_time_s=1.0)),
+}
