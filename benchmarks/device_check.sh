@@ -2,11 +2,11 @@
 # One call on a lent GPU machine (see ../shared/DEVICE.md): build, GPU tests, benchmarks.
 # Writes env.txt, build.log, gpu_tests.log, the suite's JSON/PNG and bench.log under $OUT and
 # prints a short summary table last. Usage (from the repo root):
-#   OUT=/tmp/out SOFTPROMPT_COMMIT=<sha> bash benchmarks/device_check.sh [suite]
+#   OUT=/tmp/out SOFTPROMPT_COMMIT=<sha> bash benchmarks/device_check.sh [suite ...]   (default: gpu)
 # (the machine gets the working tree without .git: SOFTPROMPT_COMMIT names the commit measured)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/device-out}
-SUITE=${1:-gpu}
+SUITES=("${@:-gpu}")
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
@@ -29,5 +29,7 @@ echo "build: $(( $(date +%s) - start )) s"
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -x -m gpu tests/test_triton_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "tests done at $(( $(date +%s) - start )) s"
 
-timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.run --suite "$SUITE" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -70
+for suite in "${SUITES[@]}"; do
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.run --suite "$suite" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -40
+done
 echo "all done at $(( $(date +%s) - start )) s"

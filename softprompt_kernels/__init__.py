@@ -8,6 +8,10 @@ from .triton.op import prefix_grad_mode, set_prefix_grad_mode  # registers the t
 
 def __getattr__(name):
     # The Hugging Face integration imports transformers: load it on first use only.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
     if name in ("accelerate", "restore", "is_accelerated", "AccelerationError"):
         from . import hf
 

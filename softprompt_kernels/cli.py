@@ -63,7 +63,8 @@ def _add_bench(subparsers) -> None:
                     "writes <out>/<suite>.json and <out>/<suite>.png.")
     which = bench.add_mutually_exclusive_group()
     which.add_argument("--suite", default=None,
-                       help="cpu-quick, cpu, gpu or gpu-quick (default: gpu with CUDA, else cpu)")
+                       help="cpu, cpu-quick, gpu, gpu-quick (the op), peft-cpu, peft-cpu-quick, peft-gpu (end-to-end "
+                            "training step); default: gpu with CUDA, else cpu")
     which.add_argument("--quick", action="store_true", help="the quick suite of this machine (seconds)")
     bench.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
     bench.add_argument("--reps", type=int, default=None, help="minimum repetitions per provider")
