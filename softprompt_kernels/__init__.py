@@ -12,6 +12,10 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(".hf", __name__)
+    if name in ("PromptBank", "AdapterError"):
+        from . import serving
+
+        return getattr(serving, name)
     if name in ("accelerate", "restore", "is_accelerated", "AccelerationError"):
         from . import hf
 
@@ -37,5 +41,7 @@ __all__ = [
     "restore",
     "is_accelerated",
     "AccelerationError",
+    "PromptBank",
+    "AdapterError",
     "__version__",
 ]

@@ -156,7 +156,7 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         has_prompt = bank.row_lengths > 0
     else:
         k = self.active_peft_config.num_virtual_tokens
-        prompt_pass = run_prompt_once(self, model, prompt_embeddings(self, model), want_logits=labels is not None)
+        prompt_pass = run_prompt_once(model, prompt_embeddings(self, model), want_logits=labels is not None)
         context, first_logits = context_for(prompt_pass.layers, k), prompt_pass.last_logits
     cache = _pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
@@ -269,7 +269,7 @@ def _generate(self, *gen_args, **gen_kwargs):
         if peft_type_name(config) == "PREFIX_TUNING":
             layers = prefix_tuning_layers(self)
         else:
-            layers = run_prompt_once(self, model, prompt_embeddings(self, model), want_logits=False).layers
+            layers = run_prompt_once(model, prompt_embeddings(self, model), want_logits=False).layers
     context = context_for(layers, k)
     original = model.prepare_inputs_for_generation
 

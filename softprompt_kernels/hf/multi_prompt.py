@@ -52,7 +52,7 @@ def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch:
     if prefix_method:
         per_adapter = [prefix_tuning_layers(peft_model, name) for name in distinct]
     else:
-        passes = [run_prompt_once(peft_model, model, prompt_embeddings(peft_model, model, name), want_logits)
+        passes = [run_prompt_once(model, prompt_embeddings(peft_model, model, name), want_logits)
                   for name in distinct]
         per_adapter = [p.layers for p in passes]
         if want_logits and distinct:

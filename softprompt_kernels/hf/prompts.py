@@ -64,7 +64,7 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def run_prompt_once(peft_model, model, prompts: torch.Tensor, want_logits: bool = True) -> PromptPass:
+def run_prompt_once(model, prompts: torch.Tensor, want_logits: bool = True) -> PromptPass:
     """Runs ``prompts [1, k, hidden]`` through ``model`` (a causal LM on softprompt attention).
 
     Each attention layer records its K/V into the context (no KV cache involved, so it works with
