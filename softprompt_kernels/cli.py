@@ -7,7 +7,7 @@ Subcommands:
   writes JSON + PNG. It needs a source checkout: the harness is the repository's
   top-level ``benchmarks/`` package, which is not installed.
 
-New subcommands (``train``, ``serve``) register themselves in :func:`build_parser`.
+- ``serve``: an HTTP completions server over a ``PromptBank`` of PEFT prompt adapters.
 """
 from __future__ import annotations
 
@@ -74,6 +74,62 @@ def _add_bench(subparsers) -> None:
     bench.set_defaults(handler=_bench)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from .serving import PromptBank
+    from .serving.server import CompletionServer
+
+    try:
+        import transformers
+    except ImportError:
+        print("softprompt-kernels serve: needs transformers (and peft for adapter directories)", file=sys.stderr)
+        return 2
+    adapters = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            print(f"softprompt-kernels serve: --adapter takes NAME=PATH, got {spec!r}", file=sys.stderr)
+            return 2
+        adapters.append((name, path))
+    dtype = getattr(torch, args.dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tokenizer = None  # token-id prompts only
+    bank = PromptBank(model, capacity=args.capacity)
+    for name, path in adapters:
+        bank.add(name, path)
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    server = CompletionServer(bank, tokenizer, host=args.host, port=args.port, max_batch=args.max_batch,
+                              max_queue=args.max_queue, eos_token_id=eos, pad_token_id=pad)
+    print(f"serving {['base', *bank.names()]} on {server.address} (POST /v1/completions)", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def _add_serve(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve many prompt adapters of one model over HTTP (OpenAI completions style)",
+        description="Loads a causal LM and PEFT prompt adapters into a PromptBank and answers "
+                    "POST /v1/completions, batching concurrent requests across adapters.")
+    serve.add_argument("--model", required=True, help="a Hugging Face model directory")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="a PEFT prompt adapter directory (repeatable); requests name it in 'model'")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--capacity", type=int, default=64, help="adapters resident on the device at once")
+    serve.add_argument("--max-batch", type=int, default=16, dest="max_batch")
+    serve.add_argument("--max-queue", type=int, default=64, dest="max_queue",
+                       help="queued requests beyond which new ones get 503")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    serve.set_defaults(handler=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -82,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

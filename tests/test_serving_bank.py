@@ -53,13 +53,10 @@ def test_mixed_batch_equals_each_adapter_alone(setup):
     steps = 6
     new = bank.generate(ids, mask, adapters=rows, max_new_tokens=steps)
     for row, name in enumerate(rows):
-        if name is None:
-            expected = greedy_loop(lambda i, m: base(input_ids=i, attention_mask=m).logits, ids[row:row + 1],
-                                   mask[row:row + 1], steps)
-        else:
-            peft = peft_models[name]
-            expected = greedy_loop(lambda i, m: peft(input_ids=i, attention_mask=m).logits, ids[row:row + 1],
-                                   mask[row:row + 1], steps)
+        alone = ids[row][mask[row].bool()][None]  # the request by itself, without the batch's padding
+        ones = torch.ones_like(alone)
+        model = base if name is None else peft_models[name]
+        expected = greedy_loop(lambda i, m: model(input_ids=i, attention_mask=m).logits, alone, ones, steps)
         assert new[row] == expected[0].tolist(), f"row {row} ({name})"
 
 
@@ -135,3 +132,21 @@ def test_clear_errors(setup, tmp_path):
         bank.generate(*padded_batch(B=1), adapters=["nope"])
     bank.remove("p5")
     assert "p5" not in bank
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "qwen3"])
+def test_mixed_batch_other_families(model_type):
+    base = tiny_model(model_type, dtype=torch.float64)
+    models = {name: make_adapter(base, kind, k, seed) for seed, (name, (kind, k)) in enumerate(ADAPTERS.items())}
+    bank = sk.PromptBank(copy.deepcopy(base), capacity=4)
+    for name, model in models.items():
+        bank.add(name, model)
+    ids, mask = padded_batch(B=5, n=7, seed=4, left=True)
+    rows = ["x6", "p3", None, "x4", "p5"]
+    new = bank.generate(ids, mask, adapters=rows, max_new_tokens=4)
+    for row, name in enumerate(rows):
+        alone = ids[row][mask[row].bool()][None]
+        model = base if name is None else models[name]
+        expected = greedy_loop(lambda i, m: model(input_ids=i, attention_mask=m).logits, alone,
+                               torch.ones_like(alone), 4)
+        assert new[row] == expected[0].tolist(), f"row {row} ({name})"

@@ -1,9 +1,11 @@
 """Batched generation where every row names its own prompt adapter.
 
-Prefill runs the whole (left- or right-padded) batch through ``prefix_attention`` with each row's
-``prompt_ids``; every decode step is the same op with one query (``Lq = 1``), so the KV cache holds
-only the text's K/V and the prefixes stay once in the bank. Positions follow PEFT's forward (text
-from k), so greedy decoding gives the tokens of a greedy loop over PEFT's forward per adapter.
+Prefill runs the whole (left-padded) batch through ``prefix_attention`` with each row's ``prompt_ids``;
+every decode step is the same op with one query (``Lq = 1``), so the KV cache holds only the text's K/V
+and the prefixes stay once in the bank. A row's tokens are numbered from its adapter's length k by
+counting its real tokens (padding is masked out and not counted), so a request gets the same tokens
+whatever it is batched with: those of a greedy loop over PEFT's forward for that adapter on the request
+alone.
 """
 from __future__ import annotations
 
@@ -11,8 +13,16 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ..hf.accelerate import _text_positions
 from ..hf.prompts import cache_argument
+
+
+def _positions(row_lengths: torch.Tensor, mask: torch.Tensor, last: int, model, family) -> torch.Tensor:
+    """Positions of the last ``last`` tokens [B, last]: k + (real tokens so far) - 1, padding-invariant."""
+    count = mask.long().cumsum(-1) - 1
+    positions = row_lengths[:, None] + count.clamp(min=0)
+    if family.positions == "mask_cumsum":  # OPT numbers padding -1 (it is masked out either way)
+        positions = torch.where(mask.bool(), positions, torch.full_like(positions, -1))
+    return positions[:, -last:]
 
 
 def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -72,7 +82,7 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
 
     context, row_lengths = bank.context_for(adapters)
     cache = DynamicCache(config=model.config)
-    positions = _text_positions(bank.family, row_lengths, batch, length, 0, mask, device, model)
+    positions = _positions(row_lengths, mask, length, model, bank.family)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1, softprompt_context=context, **{cache_argument(model): cache})
     new = [[] for _ in range(batch)]
@@ -88,7 +98,7 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         if bool(finished.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = _text_positions(bank.family, row_lengths, batch, 1, length + step, mask, device, model)
+        positions = _positions(row_lengths, mask, 1, model, bank.family)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                     softprompt_context=context, **{cache_argument(model): cache})
     return new
