@@ -30,6 +30,10 @@ timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -x -m gpu tests/test_triton_
 echo "tests done at $(( $(date +%s) - start )) s"
 
 for suite in "${SUITES[@]}"; do
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.run --suite "$suite" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -40
+  case "$suite" in
+    serve-*) runner=benchmarks.serving_cases ;;  # tokens/s and per-token latency
+    *) runner=benchmarks.run ;;
+  esac
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m "$runner" --suite "$suite" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -40
 done
 echo "all done at $(( $(date +%s) - start )) s"

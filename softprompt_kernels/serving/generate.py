@@ -9,7 +9,7 @@ alone.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -57,8 +57,13 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
              adapters: Optional[Sequence[Optional[str]]] = None, max_new_tokens: Union[int, Sequence[int]] = 32,
              do_sample: bool = False, temperature: Union[float, Sequence[float]] = 1.0,
              top_p: Union[float, Sequence[float]] = 1.0, seed: Union[None, int, Sequence[Optional[int]]] = None,
-             eos_token_id: Optional[int] = None, pad_token_id: int = 0) -> List[List[int]]:
-    """New tokens of every row (a row stops after its EOS or its ``max_new_tokens``)."""
+             eos_token_id: Optional[int] = None, pad_token_id: int = 0,
+             on_token: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> List[List[int]]:
+    """New tokens of every row (a row stops after its EOS or its ``max_new_tokens``).
+
+    ``on_token(tokens [B], active [B] bool)``, if given, is called as each step's tokens are chosen
+    (streaming, per-token latency measurements).
+    """
     model = bank.model
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, n], got shape {tuple(input_ids.shape)}")
@@ -92,6 +97,8 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         for row in (~finished).nonzero().flatten().tolist():
             new[row].append(int(token[row]))
+        if on_token is not None:
+            on_token(token, ~finished)
         finished = finished | (limits <= step + 1)
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
