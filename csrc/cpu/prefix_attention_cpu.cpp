@@ -122,6 +122,32 @@ void mask_sequence_scores(const PrefixAttentionParams& p, int64_t b, int64_t i0,
   }
 }
 
+// Block products of the kernel. With few stacked query rows (decoding: one query per q head) a BLAS
+// call costs more than the work, so those go through the vectorised row helpers instead.
+constexpr int64_t kSmallRows = 8;
+
+// s [m, n] = a [m, k] @ b[n, k]^T
+template <typename acc_t>
+void scores_product(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                    acc_t* s, int64_t lds) {
+  if (m > kSmallRows) {
+    gemm<acc_t>(false, true, m, n, k, 1, a, lda, b, ldb, 0, s, lds);
+    return;
+  }
+  scores_small(m, n, k, a, lda, b, ldb, s, lds);
+}
+
+// c [m, k] += p [m, n] @ b [n, k]
+template <typename acc_t>
+void accumulate_product(int64_t m, int64_t k, int64_t n, const acc_t* p, int64_t ldp, const acc_t* b,
+                        int64_t ldb, acc_t* c, int64_t ldc) {
+  if (m > kSmallRows) {
+    gemm<acc_t>(false, false, m, k, n, 1, p, ldp, b, ldb, 1, c, ldc);
+    return;
+  }
+  accumulate_small(m, k, n, p, ldp, b, ldb, c, ldc);
+}
+
 template <typename acc_t>
 struct Workspace {
   std::vector<acc_t> q, o, s, dp, dout, dq, kbuf, vbuf, m, l, lse, delta, dk, dv;
@@ -165,7 +191,7 @@ KeyChunk<acc_type_t<scalar_t>> score_chunk(const PrefixAttentionParams& p, const
   c.n = std::min(kKeyBlock, span.count - j0);
   c.k = rows_as_acc(span.k + j0 * span.k_ld, span.k_ld, c.n, D, ws.kbuf.data(), &c.k_ld);
   c.v = rows_as_acc(span.v + j0 * span.v_ld, span.v_ld, c.n, D, ws.vbuf.data(), &c.v_ld);
-  gemm<acc_t>(false, true, rows, c.n, D, 1, ws.q.data(), D, c.k, c.k_ld, 0, ws.s.data(), c.n);
+  scores_product<acc_t>(rows, c.n, D, ws.q.data(), D, c.k, c.k_ld, ws.s.data(), c.n);
   if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, c.n, ws.s.data());
   return c;
 }
@@ -204,7 +230,7 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
         ws.m[r] = m_new;
         if (alpha != acc_t(1)) scale_row(ws.o.data() + r * D, D, alpha);
       }
-      gemm<acc_t>(false, false, rows, D, n, 1, s, n, c.v, c.v_ld, 1, ws.o.data(), D);
+      accumulate_product<acc_t>(rows, D, n, s, n, c.v, c.v_ld, ws.o.data(), D);
     }
   }
 
@@ -267,7 +293,7 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
         const int64_t n = c.n;
         acc_t* s = ws.s.data();
         acc_t* dp = ws.dp.data();
-        gemm<acc_t>(false, true, rows, n, D, 1, ws.dout.data(), D, c.v, c.v_ld, 0, dp, n);
+        scores_product<acc_t>(rows, n, D, ws.dout.data(), D, c.v, c.v_ld, dp, n);
         for (int64_t r = 0; r < rows; ++r) {
           if (ws.lse[r] == neg_inf<acc_t>()) {  // the query saw nothing: no gradient
             std::fill(s + r * n, s + r * n + n, acc_t(0));
@@ -279,7 +305,7 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
         // s holds P and dp holds dS (gradient of the scaled scores).
         gemm<acc_t>(true, false, n, D, rows, 1, s, n, ws.dout.data(), D, 1, dv_span + j0 * D, D);
         gemm<acc_t>(true, false, n, D, rows, 1, dp, n, ws.q.data(), D, 1, dk_span + j0 * D, D);
-        gemm<acc_t>(false, false, rows, D, n, 1, dp, n, c.k, c.k_ld, 1, ws.dq.data(), D);
+        accumulate_product<acc_t>(rows, D, n, dp, n, c.k, c.k_ld, ws.dq.data(), D);
       }
     }
 

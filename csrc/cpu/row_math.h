@@ -124,6 +124,53 @@ static void softmax_grad_row(double* s, double* dp, int64_t n, double lse, doubl
   }
 }
 
+// Small block products (few query rows, e.g. decoding), each in one multiversioned call so that
+// the inner loops vectorise without a dispatch per row or per key.
+// s [m, n] = a [m, k] @ b [n, k]^T
+SOFTPROMPT_MULTIVERSION
+static void scores_small(int64_t m, int64_t n, int64_t k, const float* __restrict a, int64_t lda,
+                         const float* __restrict b, int64_t ldb, float* __restrict s, int64_t lds) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* b_row = b + j * ldb;
+    for (int64_t i = 0; i < m; ++i) {
+      const float* a_row = a + i * lda;
+      float lanes[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= k; d += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a_row[d + l] * b_row[d + l];
+      float acc = 0.0f;
+      for (; d < k; ++d) acc += a_row[d] * b_row[d];
+      for (int64_t l = 0; l < kLanes; ++l) acc += lanes[l];
+      s[i * lds + j] = acc;
+    }
+  }
+}
+static void scores_small(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
+                         int64_t ldb, double* s, int64_t lds) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) s[i * lds + j] = dot(a + i * lda, b + j * ldb, k);
+}
+
+// c [m, k] += p [m, n] @ b [n, k]
+SOFTPROMPT_MULTIVERSION
+static void accumulate_small(int64_t m, int64_t k, int64_t n, const float* __restrict p, int64_t ldp,
+                             const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* c_row = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = p[i * ldp + j];
+      const float* b_row = b + j * ldb;
+      for (int64_t d = 0; d < k; ++d) c_row[d] += w * b_row[d];
+    }
+  }
+}
+static void accumulate_small(int64_t m, int64_t k, int64_t n, const double* p, int64_t ldp, const double* b,
+                             int64_t ldb, double* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < k; ++d) c[i * ldc + d] += p[i * ldp + j] * b[j * ldb + d];
+}
+
 template <typename T>
 inline void scale_row(T* __restrict x, int64_t n, T factor) {
   for (int64_t j = 0; j < n; ++j) x[j] *= factor;
