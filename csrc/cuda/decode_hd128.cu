@@ -1,0 +1,9 @@
+// Instantiations of the decode kernels for head dim 128 (one file per head dim keeps builds parallel).
+#include "cuda/decode_kernel.cuh"
+
+namespace softprompt {
+namespace cuda {
+template cudaError_t run_prefix_decode<__nv_bfloat16, 128>(const DecodeParams&, cudaStream_t);
+template cudaError_t run_prefix_decode<__half, 128>(const DecodeParams&, cudaStream_t);
+}  // namespace cuda
+}  // namespace softprompt

@@ -1,0 +1,27 @@
+"""The CUDA kernels compiled for the CPU with a SIMT emulator (see simt_emulation.h).
+
+``load()`` builds them once per machine with torch's cpp_extension (about a minute) and
+returns the module; tests compare its outputs with the float64 oracle, so the kernels'
+logic is checked on every CI run although no GPU is present.
+"""
+import os
+
+import torch.utils.cpp_extension as cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+_module = None
+
+
+def load():
+    global _module
+    if _module is None:
+        _module = cpp_extension.load(
+            name="softprompt_simt_emulation",
+            sources=[os.path.join(HERE, "emulated_ops.cpp")],
+            extra_include_paths=[os.path.join(ROOT, "csrc"), HERE],
+            extra_cflags=["-O2", "-std=c++20", "-DSOFTPROMPT_SIMT_EMULATION", "-Wno-unknown-pragmas"],
+            extra_ldflags=["-lpthread"],
+            verbose=False,
+        )
+    return _module

@@ -1,0 +1,104 @@
+"""The CUDA kernels' logic on the CPU: csrc/cuda/*.cuh compiled by the host compiler with the SIMT
+emulator (tests/cuda_emulation), compared with the float64 oracle. Catches indexing, masking, split
+and combine errors, and misplaced barriers (a divergent __syncthreads hangs the emulator as it would
+a GPU), on machines without a GPU. Real-GPU checks are in test_cuda_gpu.py."""
+import math
+
+import pytest
+import torch
+
+import cuda_emulation
+from oracle import oracle_prefix_attention
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return cuda_emulation.load()
+
+
+def _case(B, Hq, Hkv, Lq, Lk, P, K, D, dtype, seed=0, prompt_ids=None, prefix_lens=None, padding=None,
+          hf_layout=False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    if hf_layout:  # what Hugging Face hands over: [B, L, H, D] transposed
+        q = rand(B, Lq, Hq, D).transpose(1, 2)
+        k, v = rand(B, Lk, Hkv, D).transpose(1, 2), rand(B, Lk, Hkv, D).transpose(1, 2)
+    else:
+        q, k, v = rand(B, Hq, Lq, D), rand(B, Hkv, Lk, D), rand(B, Hkv, Lk, D)
+    kwargs = {
+        "prompt_ids": None if prompt_ids is None else torch.tensor(prompt_ids),
+        "prefix_lens": None if prefix_lens is None else torch.tensor(prefix_lens),
+        "key_padding_mask": None if padding is None else padding,
+    }
+    return [q, k, v, rand(P, Hkv, K, D), rand(P, Hkv, K, D)], kwargs
+
+
+def _left_padding(B, Lk, lengths):
+    return torch.arange(Lk)[None, :] >= (Lk - torch.tensor(lengths))[:, None]
+
+
+def _check(out, lse, tensors, kwargs, causal, dtype):
+    ref_out, ref_lse = oracle_prefix_attention(*tensors, causal=causal, **kwargs)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # one rounding of the output to the half type
+    err = (out.double() - ref_out).abs().max().item() if out.numel() else 0.0
+    assert err <= tol, f"max |out - oracle| = {err}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.all(lse[~finite] == -math.inf)
+    if finite.any():
+        lse_err = (lse.double()[finite] - ref_lse[finite]).abs().max().item()
+        assert lse_err <= 1e-4, f"max |lse - oracle| = {lse_err}"
+    assert torch.all(out[~finite] == 0)
+
+
+DECODE_CASES = [
+    # name, (B, Hq, Hkv, Lq, Lk, P, K, D), causal, splits, extra
+    ("gqa-multi-prompt-left-pad", (3, 4, 2, 1, 70, 3, 5, 64), True, 1,
+     dict(prompt_ids=[-1, 0, 2], prefix_lens=[5, 0, 3], padding=_left_padding(3, 70, [70, 41, 3]))),
+    ("gqa-multi-prompt-3-splits", (3, 4, 2, 1, 70, 3, 5, 64), True, 3,
+     dict(prompt_ids=[-1, 0, 2], prefix_lens=[5, 0, 3], padding=_left_padding(3, 70, [70, 41, 3]))),
+    ("spec-decode-Lq3-two-query-tiles", (2, 8, 2, 3, 90, 1, 0, 128), True, 2, {}),
+    ("mha-D256-hf-layout", (2, 2, 2, 1, 150, 2, 7, 256), True, 0, dict(prompt_ids=[1, 0], hf_layout=True)),
+    ("full-Lq16-random-padding", (2, 2, 1, 16, 40, 1, 66, 64), False, 2,
+     dict(padding=torch.rand(2, 40, generator=torch.Generator().manual_seed(3)) > 0.4)),
+    ("prefix-only-split-boundary", (1, 4, 1, 1, 1, 1, 128, 128), True, 3, {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name, shape, causal, splits, extra", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_decode_kernel_matches_oracle(emulated, name, shape, causal, splits, extra, dtype):
+    tensors, kwargs = _case(*shape, dtype, **extra)
+    scale = shape[-1] ** -0.5
+    out, lse = emulated.decode_forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"],
+                                       kwargs["key_padding_mask"], causal, scale, splits, 4)
+    _check(out, lse, tensors, kwargs, causal, dtype)
+
+
+def test_decode_rows_that_see_nothing_get_zeros_and_minus_inf(emulated):
+    padding = torch.tensor([[False] * 20, [True] * 20])
+    tensors, kwargs = _case(2, 2, 2, 1, 20, 1, 4, 64, torch.bfloat16, prompt_ids=[-1, 0], padding=padding)
+    for splits in (1, 2):
+        out, lse = emulated.decode_forward(*tensors, kwargs["prompt_ids"], None, padding, True, 0.125, splits, 1)
+        assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
+        _check(out, lse, tensors, kwargs, True, torch.bfloat16)
+
+
+def test_decode_out_of_range_prompt_gives_nan_rows_not_a_crash(emulated):
+    tensors, _ = _case(2, 2, 1, 1, 16, 2, 4, 64, torch.bfloat16)
+    for splits in (1, 2):
+        out, lse = emulated.decode_forward(*tensors, torch.tensor([0, 7]), None, None, True, 0.125, splits, 1)
+        assert torch.isnan(out[1].float()).all() and torch.isnan(lse[1]).all()
+        assert torch.isfinite(out[0].float()).all()
+
+
+def test_decode_plan_fills_the_gpu_and_keeps_splits_long(emulated):
+    # B=1 at cache 32768 on 132 SMs: split so that ~2 waves of blocks run; B=64: no split needed.
+    splits, per_split, qb, tiles = emulated.decode_plan(1, 32, 8, 1, 32768, 128, 132)
+    assert splits * 8 >= 132 and per_split % 64 == 0 and splits * per_split >= 32768 + 128
+    assert (qb, tiles) == (4, 1)
+    assert emulated.decode_plan(64, 32, 8, 1, 4096, 128, 132)[0] == 1
+    assert emulated.decode_plan(1, 32, 8, 1, 64, 0, 132)[0] == 1  # short rows stay whole
