@@ -40,9 +40,11 @@ def _left_padding(B, Lk, lengths):
     return torch.arange(Lk)[None, :] >= (Lk - torch.tensor(lengths))[:, None]
 
 
-def _check(out, lse, tensors, kwargs, causal, dtype):
+def _check(out, lse, tensors, kwargs, causal, dtype, probabilities_rounded=False):
     ref_out, ref_lse = oracle_prefix_attention(*tensors, causal=causal, **kwargs)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # one rounding of the output to the half type
+    if probabilities_rounded:  # tensor-core P.V takes the probabilities in the half type, as FlashAttention does
+        tol *= 2
     err = (out.double() - ref_out).abs().max().item() if out.numel() else 0.0
     assert err <= tol, f"max |out - oracle| = {err}"
     finite = torch.isfinite(ref_lse)
@@ -102,3 +104,33 @@ def test_decode_plan_fills_the_gpu_and_keeps_splits_long(emulated):
     assert (qb, tiles) == (4, 1)
     assert emulated.decode_plan(64, 32, 8, 1, 4096, 128, 132)[0] == 1
     assert emulated.decode_plan(1, 32, 8, 1, 64, 0, 132)[0] == 1  # short rows stay whole
+
+
+PREFILL_CASES = [
+    # name, (B, Hq, Lq... as above), causal, extra
+    ("causal-gqa-multi-prompt-left-pad", (3, 4, 2, 70, 70, 3, 20, 64), True,
+     dict(prompt_ids=[1, -1, 2], prefix_lens=[20, 0, 9], padding=_left_padding(3, 70, [70, 50, 5]))),
+    ("chunked-prefill-Lq-lt-Lk", (1, 2, 1, 65, 100, 1, 33, 128), True, {}),
+    ("full-random-padding-hf-layout", (2, 2, 2, 40, 40, 1, 0, 64), False,
+     dict(hf_layout=True, padding=torch.rand(2, 40, generator=torch.Generator().manual_seed(5)) > 0.3)),
+    ("D256-prefix-over-two-tiles", (1, 2, 1, 20, 20, 2, 40, 256), True, dict(prompt_ids=[1])),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name, shape, causal, extra", PREFILL_CASES, ids=[c[0] for c in PREFILL_CASES])
+def test_prefill_kernel_matches_oracle(emulated, name, shape, causal, extra, dtype):
+    tensors, kwargs = _case(*shape, dtype, **extra)
+    out, lse = emulated.prefill_forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"],
+                                        kwargs["key_padding_mask"], causal, shape[-1] ** -0.5)
+    _check(out, lse, tensors, kwargs, causal, dtype, probabilities_rounded=True)
+
+
+def test_prefill_rows_that_see_nothing_and_bad_prompts(emulated):
+    padding = torch.tensor([[False] * 18, [True] * 18, [True] * 18])
+    tensors, kwargs = _case(3, 2, 1, 18, 18, 1, 4, 64, torch.bfloat16, prompt_ids=[-1, 0, 0], padding=padding)
+    out, lse = emulated.prefill_forward(*tensors, kwargs["prompt_ids"], None, padding, False, 0.125)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
+    _check(out, lse, tensors, kwargs, False, torch.bfloat16, probabilities_rounded=True)
+    out, lse = emulated.prefill_forward(*tensors, torch.tensor([0, 3, -1]), None, None, True, 0.125)
+    assert torch.isnan(out[1].float()).all() and torch.isfinite(out[0].float()).all()

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cuda/decode_kernel.cuh"
+#include "cuda/prefill_kernel.cuh"
 #include "prefix_attention_checks.h"
 
 namespace {
@@ -54,6 +55,28 @@ std::tuple<at::Tensor, at::Tensor> decode_forward(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> prefill_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
+    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal, double scale) {
+  PreparedInputs in = softprompt::prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
+                                                 key_padding_mask, causal, scale, at::kCPU);
+  auto [out, lse] = softprompt::allocate_forward_outputs(in);
+  softprompt::PrefixAttentionParams params = softprompt::make_params(in);
+  softprompt::set_forward_outputs(params, out, lse);
+  dispatch_half(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    switch (in.D) {
+      case 64: sc::run_prefix_prefill<T, 64>(params, nullptr); break;
+      case 128: sc::run_prefix_prefill<T, 128>(params, nullptr); break;
+      case 256: sc::run_prefix_prefill<T, 256>(params, nullptr); break;
+      default: TORCH_CHECK(false, "prefill head dims are 64, 128, 256");
+    }
+  });
+  return {out, lse};
+}
+
 std::vector<int64_t> decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t K,
                                  int64_t num_sms) {
   softprompt::PrefixAttentionParams p{};
@@ -67,4 +90,5 @@ std::vector<int64_t> decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_forward", &decode_forward);
   m.def("decode_plan", &decode_plan);
+  m.def("prefill_forward", &prefill_forward);
 }
