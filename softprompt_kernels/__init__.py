@@ -4,6 +4,7 @@ from .attention import not_supported_reasons, prefix_attention, resolve_backend
 from .insertion import insert_prompt
 from .backends import PerformanceWarning, available_backends, backend_status
 from .triton.op import prefix_grad_mode, set_prefix_grad_mode  # registers the triton backend
+from . import cuda_backend as _cuda_backend  # noqa: F401  (registers the cuda backend)
 
 
 def __getattr__(name):

@@ -34,6 +34,10 @@ class Backend:
         reason = self.unavailable_reason()
         return [reason] if reason else []
 
+    def auto_declines(self, inputs: PrefixAttentionInputs) -> Optional[str]:
+        """Why ``auto`` should pass over this backend for inputs it can run (another is preferred)."""
+        return None
+
     def run(self, inputs: PrefixAttentionInputs, return_lse: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise NotImplementedError
 
@@ -123,6 +127,8 @@ def select_backend(inputs: PrefixAttentionInputs, requested: str = "auto") -> Ba
     refused = {}
     for name in _AUTO_ORDER.get(inputs.device.type, ["torch"]):
         reasons = _BACKENDS[name].not_supported_reasons(inputs)
+        if not reasons and _BACKENDS[name].auto_declines(inputs):
+            continue  # runnable, but another backend is preferred for these shapes: not a fallback
         if not reasons:
             if name == "torch" and refused:
                 _warn_fallback(inputs.device.type, refused)

@@ -27,6 +27,9 @@ __device__ __forceinline__ void load_tile_rows(T* dst, int ld, int rows, RowPtr 
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads) prefix_prefill_kernel(const PrefixAttentionParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 WMMA needs sm_80; the binding refuses older devices before launching
+#else
   namespace wmma = nvcuda::wmma;
   using Tile = PrefillTile<D>;
   constexpr int BM = kPrefillRows, BN = Tile::kKeys;
@@ -152,6 +155,7 @@ __global__ void __launch_bounds__(kPrefillThreads) prefix_prefill_kernel(const P
       static_cast<float*>(p.lse)[(b * p.heads_q + h) * Lq + i] = lse;
     }
   }
+#endif
 }
 
 template <typename T, int D>

@@ -1,0 +1,69 @@
+"""The ``cuda`` backend: the C++/CUDA forward kernels (csrc/cuda), for serving and prefill.
+
+``Lq <= 16`` runs the split-K decode kernel (prefix bank + each row's cache, GQA groups
+sharing loads); longer queries run the tensor-core prefill kernel. Both are forward-only:
+with gradients required the backend refuses the inputs, and ``auto`` takes Triton.
+Under ``auto`` the decode shapes go to this backend first; prefill shapes go to Triton
+until the CUDA prefill is measured faster on a GPU (``backend="cuda"`` runs it on request).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _ops
+from .backends import Backend, register_backend
+
+DECODE_MAX_QUERIES = 16  # kDecodeMaxQueries in csrc/cuda/decode_params.h
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _needs_grad(inputs) -> bool:
+    tensors = (inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    description = "CUDA C++ kernels, forward only: split-K decode (Lq <= 16) and tensor-core prefill"
+
+    def unavailable_reason(self) -> Optional[str]:
+        if _ops.EXTENSION_ERROR is not None:
+            return _ops.EXTENSION_ERROR
+        if not _ops.extension_has_cuda():
+            return ("softprompt_kernels._C was built without CUDA sources (torch without CUDA, or "
+                    "SOFTPROMPT_FORCE_CPU=1): rebuild with a CUDA build of torch")
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+
+    def not_supported_reasons(self, inputs):
+        reasons = super().not_supported_reasons(inputs)
+        if inputs.device.type != "cuda":
+            reasons.append(f"the cuda backend needs CUDA tensors, got {inputs.device}")
+        elif torch.cuda.get_device_capability(inputs.device)[0] < 8:
+            reasons.append("the cuda backend needs compute capability 8.0 or newer")
+        if inputs.dtype not in DTYPES:
+            reasons.append(f"the cuda backend takes bfloat16 or float16, got {inputs.dtype}")
+        if inputs.head_dim not in HEAD_DIMS:
+            reasons.append(f"the cuda backend supports head dims {HEAD_DIMS}, got {inputs.head_dim} "
+                           "(backend='triton' serves other head dims)")
+        if _needs_grad(inputs):
+            reasons.append("the cuda backend is forward-only: use backend='triton' (or 'auto') for training")
+        return reasons
+
+    def auto_declines(self, inputs) -> Optional[str]:
+        if inputs.len_q > DECODE_MAX_QUERIES:
+            return "prefill shapes go to triton under auto (the CUDA prefill has not been measured faster)"
+        return None
+
+    def run(self, inputs, return_lse):
+        out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(
+            inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids,
+            inputs.prefix_lens, inputs.key_padding_mask, inputs.causal, inputs.scale)
+        return out, (lse if return_lse else None)
+
+
+register_backend(CudaBackend(), auto_order={"cuda": 0})
