@@ -35,7 +35,7 @@ def _want_cuda():
 
 def _extension():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    cpu_sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
+    cpu_sources = ["csrc/bindings.cpp", "csrc/prompt_insertion_bindings.cpp"] + _sources("csrc/cpu/*.cpp")
     if _want_cuda():
         cuda_sources = ["csrc/cuda_bindings.cpp"] + _sources("csrc/cuda/**/*.cu")
         cuda_sources = [s for s in cuda_sources if os.path.exists(os.path.join(ROOT, s))]

@@ -15,11 +15,12 @@ import torch
 
 import softprompt_kernels
 from benchmarks import harness
+from benchmarks import insertion_cases
 from benchmarks import peft_training_cases
 from benchmarks import prefix_attention_cases as cases
 
 # Every benchmark module: BENCH, SUITES, build(case, device, providers), known_providers().
-MODULES = (cases, peft_training_cases)
+MODULES = (cases, peft_training_cases, insertion_cases)
 ALL_SUITES = {name: module for module in MODULES for name in module.SUITES}
 
 DEFAULT_OUT = "bench-out"
