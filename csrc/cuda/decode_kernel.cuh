@@ -65,7 +65,7 @@ __device__ __forceinline__ const T* combined_row(const void* seq, const Strides4
 }
 
 template <typename T, int D, int QB>
-__global__ void __launch_bounds__(kDecodeThreads) prefix_decode_split_kernel(const DecodeParams params) {
+__global__ void __launch_bounds__(kDecodeThreads, 2) prefix_decode_split_kernel(const DecodeParams params) {
   static_assert(D == 64 || D == 128 || D == 256, "decode head dims are 64, 128 and 256");
   constexpr int kChunks = D / 8;  // 16-byte chunks per row; also the lanes cooperating on one key
   constexpr int kKeysPerWarp = kWarpSize / kChunks;
@@ -74,6 +74,8 @@ __global__ void __launch_bounds__(kDecodeThreads) prefix_decode_split_kernel(con
   constexpr int kSlices = kDecodeThreads / kChunks;  // key slices of the P.V phase
   constexpr int kTile = kDecodeKeyTile;
   static_assert(kTile == 2 * kWarpSize && kTile % kKeysPerPass == 0 && kTile % kSlices == 0, "tile shape");
+  constexpr int kPasses = kTile / kKeysPerPass;          // K loads per lane per tile
+  constexpr int kValuesPerThread = kTile / kSlices;      // V loads per thread per tile
 
   __shared__ __align__(16) float q_s[QB][D];  // queries x scale x log2(e)
   __shared__ float p_s[QB][kTile];            // scores, then probabilities, of the current tile
@@ -143,17 +145,24 @@ __global__ void __launch_bounds__(kDecodeThreads) prefix_decode_split_kernel(con
     }
     __syncthreads();
 
-    // 1. scores
+    // 1. scores: every K load of the tile is issued before the first one is used
     const int sub = lane % kChunks;
-    for (int k0 = 0; k0 < kTile; k0 += kKeysPerPass) {
-      const int t = k0 + warp * kKeysPerWarp + lane / kChunks;
-      const int64_t c = t0 + t;
-      const bool live = live_s[t];
-      float kv[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (live) {
-        const T* row = combined_row<T>(p.k, p.k_strides, p.prefix_k, p.pk_strides, K, b, kvh, prompt, c);
-        unpack8<T>(*reinterpret_cast<const uint4*>(row + sub * 8), kv);
+    uint4 k_raw[kPasses];
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int t = pass * kKeysPerPass + warp * kKeysPerWarp + lane / kChunks;
+      k_raw[pass] = make_uint4(0u, 0u, 0u, 0u);
+      if (live_s[t]) {
+        const T* row = combined_row<T>(p.k, p.k_strides, p.prefix_k, p.pk_strides, K, b, kvh, prompt, t0 + t);
+        k_raw[pass] = *reinterpret_cast<const uint4*>(row + sub * 8);
       }
+    }
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int t = pass * kKeysPerPass + warp * kKeysPerWarp + lane / kChunks;
+      const int64_t c = t0 + t;
+      float kv[8];
+      unpack8<T>(k_raw[pass], kv);
       float dots[QB];
 #pragma unroll
       for (int r = 0; r < QB; ++r) {
@@ -167,6 +176,7 @@ __global__ void __launch_bounds__(kDecodeThreads) prefix_decode_split_kernel(con
 #pragma unroll
         for (int r = 0; r < QB; ++r) dots[r] += __shfl_xor_sync(0xffffffffu, dots[r], offset);
       if (sub == 0) {
+        const bool live = live_s[t];
 #pragma unroll
         for (int r = 0; r < QB; ++r) {
           const int qv = qv0 + r;
@@ -174,6 +184,18 @@ __global__ void __launch_bounds__(kDecodeThreads) prefix_decode_split_kernel(con
           if (visible && c >= K && p.causal) visible = (c - K) <= int64_t(qv / group) + Lk - Lq;
           p_s[r][t] = visible ? dots[r] : -INFINITY;
         }
+      }
+    }
+
+    // V loads of this thread's keys go out now, to arrive while the softmax runs
+    uint4 v_raw[kValuesPerThread];
+#pragma unroll
+    for (int n = 0; n < kValuesPerThread; ++n) {
+      const int t = slice + n * kSlices;
+      v_raw[n] = make_uint4(0u, 0u, 0u, 0u);
+      if (live_s[t]) {
+        const T* row = combined_row<T>(p.v, p.v_strides, p.prefix_v, p.pv_strides, K, b, kvh, prompt, t0 + t);
+        v_raw[n] = *reinterpret_cast<const uint4*>(row + chunk * 8);
       }
     }
     __syncthreads();
@@ -200,18 +222,18 @@ __global__ void __launch_bounds__(kDecodeThreads) prefix_decode_split_kernel(con
     }
     __syncthreads();
 
-    // 3. P.V
+    // 3. P.V (keys that are not live hold zeros and probability 0)
 #pragma unroll
     for (int r = 0; r < QB; ++r) {
       const float alpha = alpha_s[r];
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[r][e] *= alpha;
     }
-    for (int t = slice; t < kTile; t += kSlices) {
-      if (!live_s[t]) continue;
-      const T* row = combined_row<T>(p.v, p.v_strides, p.prefix_v, p.pv_strides, K, b, kvh, prompt, t0 + t);
+#pragma unroll
+    for (int n = 0; n < kValuesPerThread; ++n) {
+      const int t = slice + n * kSlices;
       float vv[8];
-      unpack8<T>(*reinterpret_cast<const uint4*>(row + chunk * 8), vv);
+      unpack8<T>(v_raw[n], vv);
 #pragma unroll
       for (int r = 0; r < QB; ++r) {
         const float pr = p_s[r][t];
