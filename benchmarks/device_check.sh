@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see ../shared/DEVICE.md): build, GPU tests, benchmarks.
+# Suites: gpu, gpu-quick (prefix attention, Triton), prefill-gpu and decode-gpu (CUDA kernels beside
+# Triton and torch, with the CUDA issue's goals printed), insertion-gpu, peft-gpu, serve-gpu.
+# Suggested for the CUDA issue (about 6 minutes): decode-gpu prefill-gpu insertion-gpu
 # Writes env.txt, build.log, gpu_tests.log, the suite's JSON/PNG and bench.log under $OUT and
 # prints a short summary table last. Usage (from the repo root):
 #   OUT=/tmp/out SOFTPROMPT_COMMIT=<sha> bash benchmarks/device_check.sh [suite ...]   (default: gpu)
@@ -25,8 +28,11 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log
   exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
+python3 -c "import softprompt_kernels as sk; print('backends:', sk.backend_status())" 2>&1 | tee -a "$OUT/env.txt"
 
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -x -m gpu tests/test_triton_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+GPU_TESTS=${GPU_TESTS:-tests/test_triton_gpu.py tests/test_cuda_gpu.py tests/test_prompt_insertion_gpu.py}
+# shellcheck disable=SC2086
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu $GPU_TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "tests done at $(( $(date +%s) - start )) s"
 
 for suite in "${SUITES[@]}"; do

@@ -249,6 +249,26 @@ def _gpu() -> List[Case]:
     return cases
 
 
+def _prefill_gpu() -> List[Case]:
+    """Forward only: the CUDA prefill kernel beside Triton (and the PEFT path, SDPA on concatenated K/V)."""
+    base = Case(B=8, Hq=32, Hkv=8, Lq=2048, Lk=2048, K=128, D=128, dtype="bfloat16")
+    return [replace(base, Lq=L, Lk=L) for L in (512, 2048, 8192)] + [replace(base, D=64), replace(base, causal=False)]
+
+
+def goals(records) -> List[str]:
+    """The CUDA issue's prefill goal (CUDA forward within 1.25x of the Triton forward), per case."""
+    by_case: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        by_case.setdefault(r.config.get("name"), {})[r.provider] = r
+    lines = []
+    for name, recs in by_case.items():
+        if "cuda" in recs and "triton" in recs and recs["cuda"].config.get("mode") == "fwd":
+            ratio = recs["cuda"].ms / recs["triton"].ms
+            lines.append(f"{name}: cuda / triton forward time = {ratio:.2f}x "
+                         f"(goal <= 1.25x: {'met' if ratio <= 1.25 else 'NOT met'})")
+    return lines
+
+
 def _gpu_quick() -> List[Case]:
     return both_modes(Case(B=4, Hq=16, Hkv=4, Lq=256, Lk=256, K=64, D=128, dtype="bfloat16"))
 
@@ -258,4 +278,5 @@ SUITES: Dict[str, Suite] = {
     "cpu": Suite("cpu", "cpu", _cpu(), Timing(reps=30, warmup=3, min_time_s=3.0)),
     "gpu": Suite("gpu", "cuda", _gpu(), Timing(reps=5, min_time_s=0.5)),
     "gpu-quick": Suite("gpu-quick", "cuda", _gpu_quick(), Timing(reps=3, min_time_s=0.1)),
+    "prefill-gpu": Suite("prefill-gpu", "cuda", _prefill_gpu(), Timing(reps=5, min_time_s=0.3)),
 }

@@ -15,12 +15,13 @@ import torch
 
 import softprompt_kernels
 from benchmarks import harness
+from benchmarks import decode_cases
 from benchmarks import insertion_cases
 from benchmarks import peft_training_cases
 from benchmarks import prefix_attention_cases as cases
 
 # Every benchmark module: BENCH, SUITES, build(case, device, providers), known_providers().
-MODULES = (cases, peft_training_cases, insertion_cases)
+MODULES = (cases, peft_training_cases, insertion_cases, decode_cases)
 ALL_SUITES = {name: module for module in MODULES for name in module.SUITES}
 
 DEFAULT_OUT = "bench-out"
@@ -63,6 +64,8 @@ def run_bench(suite: str, out: str = DEFAULT_OUT, reps: Optional[int] = None,
                                 device, timing)
     _write(records, Path(out), suite)
     harness.print_table(records)
+    for line in getattr(module, "goals", lambda _records: [])(records):  # the goals, met or not
+        print(f"goal: {line}")
     return records
 
 
