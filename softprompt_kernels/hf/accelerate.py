@@ -231,7 +231,8 @@ def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_em
     prompt = prompt_embeddings(self, model)[0]
     embedding = model.get_input_embeddings()
     if inputs_embeds is None:
-        inputs = insert_prompt(input_ids, embedding.weight, prompt)
+        # validate=False: no device sync per step; a bad id still fails loudly (cpu: error, cuda: NaN row)
+        inputs = insert_prompt(input_ids, embedding.weight, prompt, validate=False)
     else:
         inputs = torch.cat([prompt.to(inputs_embeds.dtype).expand(batch, -1, -1), inputs_embeds], dim=1)
     if attention_mask is not None:
