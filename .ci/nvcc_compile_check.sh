@@ -19,10 +19,13 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
+# the flags torch's cpp_extension adds to every nvcc call (no implicit half/bf16 conversions, ...)
+torch_nvcc_flags=$("$PYTHON" -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS; print(' '.join(COMMON_NVCC_FLAGS))")
 for src in "${sources[@]}"; do
   for arch in 80 90; do
     log="$out/$(basename "$src").sm_$arch.log"
-    if ! nvcc -std=c++17 -O3 --use_fast_math -Icsrc -gencode "arch=compute_${arch},code=sm_${arch}" -Xptxas -v \
+    # shellcheck disable=SC2086
+    if ! nvcc -std=c++17 -O3 --use_fast_math -lineinfo $torch_nvcc_flags -Icsrc -gencode "arch=compute_${arch},code=sm_${arch}" -Xptxas -v \
         -c "$src" -o "$out/$(basename "$src").sm_$arch.o" >"$log" 2>&1; then
       echo "FAILED: $src sm_$arch"; cat "$log"; status=1; continue
     fi
