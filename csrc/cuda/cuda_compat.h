@@ -17,7 +17,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
-#define SOFTPROMPT_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#define SOFTPROMPT_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]  // WMMA tiles need 32-byte alignment
 #define SOFTPROMPT_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif
 
