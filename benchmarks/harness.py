@@ -199,6 +199,22 @@ def _time_cuda(fns: Mapping[str, Callable[[], Any]], timing: Timing, device: tor
     return {name: statistics.median(m) for name, m in medians.items()}
 
 
+def timed_call(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], d_out: torch.Tensor,
+               mode: str) -> Callable[[], Any]:
+    """The timed callable: forward under no_grad, or forward + backward. ``autograd.grad``
+    returns the gradients instead of accumulating them into ``.grad``, so nothing needs
+    zeroing between calls."""
+    if mode == "fwd":
+        def run_fwd():
+            with torch.no_grad():
+                return forward()
+        return run_fwd
+
+    def run_fwd_bwd():
+        return torch.autograd.grad(forward(), leaves, d_out)
+    return run_fwd_bwd
+
+
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: torch.device,
                      timing: Timing = Timing()) -> Dict[str, float]:
     """Milliseconds per call of each provider, measured round-robin in one run.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import softprompt_kernels
-from benchmarks.harness import CaseSetup, Suite, Timing
+from benchmarks.harness import CaseSetup, Suite, Timing, timed_call
 from softprompt_kernels import _insertion_ops
 
 BENCH = "insert_prompt"
@@ -57,18 +57,6 @@ def _peft_insert(ids, weight, prompt):
     return torch.cat([prompt.to(weight.dtype).expand(ids.shape[0], -1, -1), embeds], dim=1)
 
 
-def _timed(forward: Callable[[], torch.Tensor], prompt: torch.Tensor, d_out: torch.Tensor, mode: str):
-    if mode == "fwd":
-        def run_fwd():
-            with torch.no_grad():
-                return forward()
-        return run_fwd
-
-    def run_fwd_bwd():
-        return torch.autograd.grad(forward(), prompt, d_out)
-    return run_fwd_bwd
-
-
 def fused_backends(device) -> List[str]:
     device_type = torch.device(device).type
     return [name for name in FUSED if name == device_type and _insertion_ops.unavailable_reason(name) is None]
@@ -84,12 +72,11 @@ def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup
     d_out = torch.randn(case.B, case.k + case.n, case.d, generator=gen, device=device, dtype=dtype)
     providers: Dict[str, Callable[[], Any]] = {}
     if only is None or "torch" in only:
-        providers["torch"] = _timed(lambda: _peft_insert(ids, weight, prompt), prompt, d_out, case.mode)
+        providers["torch"] = timed_call(lambda: _peft_insert(ids, weight, prompt), (prompt,), d_out, case.mode)
     for name in fused_backends(device):
         if only is None or name in only:
-            providers[name] = _timed(lambda name=name: softprompt_kernels.insert_prompt(ids, weight, prompt,
-                                                                                        backend=name),
-                                     prompt, d_out, case.mode)
+            fused = (lambda name=name: softprompt_kernels.insert_prompt(ids, weight, prompt, backend=name))
+            providers[name] = timed_call(fused, (prompt,), d_out, case.mode)
     why = _insertion_ops.unavailable_reason(device.type) if device.type in FUSED else None
     skipped = {device.type: why} if why else {}
     return CaseSetup(config=case.config(), flops=0.0, bytes=moved_bytes(case), providers=providers, skipped=skipped)

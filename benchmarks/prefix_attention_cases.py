@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import softprompt_kernels
-from benchmarks.harness import CaseSetup, Suite, Timing
+from benchmarks.harness import CaseSetup, Suite, Timing, timed_call
 
 BENCH = "prefix_attention"
 BASE_PROVIDERS = ("torch", "sdpa_concat")
@@ -136,22 +136,6 @@ def concatenated_inputs(case: Case, inputs: Dict[str, Optional[torch.Tensor]]):
 
 # --- providers
 
-def _call(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], d_out: torch.Tensor,
-          mode: str) -> Callable[[], Any]:
-    """The timed callable: forward under no_grad, or forward + backward. ``autograd.grad``
-    returns the gradients instead of accumulating them into ``.grad``, so nothing needs
-    zeroing between calls."""
-    if mode == "fwd":
-        def run_fwd():
-            with torch.no_grad():
-                return forward()
-        return run_fwd
-
-    def run_fwd_bwd():
-        return torch.autograd.grad(forward(), leaves, d_out)
-    return run_fwd_bwd
-
-
 def _leaves(tensors: Iterable[torch.Tensor], mode: str) -> Tuple[torch.Tensor, ...]:
     if mode == "fwd":
         return tuple(tensors)
@@ -165,7 +149,7 @@ def _op_provider(case: Case, inputs, backend: str, leaves) -> Callable[[], Any]:
     def forward():
         return softprompt_kernels.prefix_attention(q, k, v, pk, pv, prompt_ids=ids, causal=case.causal,
                                                    backend=backend)
-    return _call(forward, leaves, inputs["d_out"], case.mode)
+    return timed_call(forward, leaves, inputs["d_out"], case.mode)
 
 
 def _sdpa_concat_provider(case: Case, inputs) -> Callable[[], Any]:
@@ -176,7 +160,7 @@ def _sdpa_concat_provider(case: Case, inputs) -> Callable[[], Any]:
 
     def forward():
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    return _call(forward, leaves, inputs["d_out"], case.mode)
+    return timed_call(forward, leaves, inputs["d_out"], case.mode)
 
 
 def fused_backends(case: Case, inputs) -> Tuple[List[str], Dict[str, str]]:

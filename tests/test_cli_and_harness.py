@@ -96,3 +96,14 @@ def test_bench_without_checkout_explains(tmp_path, capsys, monkeypatch):
 def test_no_subcommand_prints_help(capsys):
     assert main([]) == 2
     assert "bench" in capsys.readouterr().out
+
+
+def test_insertion_bench_cases_build_and_run_on_cpu():
+    from benchmarks import insertion_cases
+
+    for case in insertion_cases.SUITES["insertion-cpu-quick"].cases:
+        setup = insertion_cases.build(case, torch.device("cpu"))
+        assert set(setup.providers) >= {"torch", "cpu"}
+        results = {name: fn() for name, fn in setup.providers.items()}
+        if case.mode == "fwd":
+            torch.testing.assert_close(results["cpu"], results["torch"])
