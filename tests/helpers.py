@@ -104,3 +104,26 @@ def assert_matches_oracle(results, reference, rtol):
     for name, actual, expected in zip(NAMES, results, reference):
         err = max_relative_error(actual, expected)
         assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"
+
+
+def gpu_inputs(shape, dtype, seed=0, requires_grad=False):
+    """CUDA inputs of a GPU test case ``(B, Hq, Hkv, Lq, Lk, P, K, D, causal, padded, multi_prompt)``:
+    q/k/v in Hugging Face's layout ([B, L, H, D] viewed as [B, H, L, D]), prompt ids that include -1
+    and random prefix_lens when multi-prompt, left padding when padded. Returns (tensors, kwargs, grad)."""
+    B, Hq, Hkv, Lq, Lk, P, K, D, causal, padded, multi = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*s):
+        return torch.randn(*s, device="cuda", generator=gen, dtype=torch.float32)
+
+    tensors = [rand(B, Lq, Hq, D).transpose(1, 2), rand(B, Lk, Hkv, D).transpose(1, 2),
+               rand(B, Lk, Hkv, D).transpose(1, 2), rand(P, Hkv, K, D), rand(P, Hkv, K, D)]
+    kwargs = {"causal": causal}
+    if multi:
+        kwargs["prompt_ids"] = (torch.arange(B, device="cuda") % (P + 1)) - 1
+        kwargs["prefix_lens"] = torch.randint(0, K + 1, (P,), device="cuda", generator=gen)
+    if padded:
+        lengths = torch.randint(Lk // 2, Lk + 1, (B,), device="cuda", generator=gen)
+        kwargs["key_padding_mask"] = torch.arange(Lk, device="cuda")[None, :] >= (Lk - lengths[:, None])
+    grad = torch.randn(B, Hq, Lq, D, device="cuda", generator=gen)
+    return [t.to(dtype).requires_grad_(requires_grad) for t in tensors], kwargs, grad.to(dtype)

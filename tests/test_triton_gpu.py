@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
+from helpers import gpu_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -18,23 +19,7 @@ SHAPES = [
 
 
 def _inputs(shape, dtype, seed=0):
-    B, Hq, Hkv, Lq, Lk, P, K, D, causal, padded, multi = shape
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rand(*s):
-        return torch.randn(*s, device="cuda", generator=gen, dtype=torch.float32)
-
-    tensors = [rand(B, Lq, Hq, D).transpose(1, 2), rand(B, Lk, Hkv, D).transpose(1, 2),
-               rand(B, Lk, Hkv, D).transpose(1, 2), rand(P, Hkv, K, D), rand(P, Hkv, K, D)]
-    kwargs = {"causal": causal}
-    if multi:
-        kwargs["prompt_ids"] = (torch.arange(B, device="cuda") % (P + 1)) - 1  # includes -1
-        kwargs["prefix_lens"] = torch.randint(0, K + 1, (P,), device="cuda", generator=gen)
-    if padded:
-        lengths = torch.randint(Lk // 2, Lk + 1, (B,), device="cuda", generator=gen)
-        kwargs["key_padding_mask"] = torch.arange(Lk, device="cuda")[None, :] >= (Lk - lengths[:, None])  # left pad
-    grad = torch.randn(B, Hq, Lq, D, device="cuda", generator=gen)
-    return [t.to(dtype).requires_grad_() for t in tensors], kwargs, grad.to(dtype)
+    return gpu_inputs(shape, dtype, seed, requires_grad=True)
 
 
 def _run(backend, tensors, kwargs, grad):
