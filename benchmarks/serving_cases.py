@@ -10,6 +10,10 @@ use 1, 8 or 64 distinct prompt adapters (greedy, same requests for every provide
 - ``peft_loop``: the correct PEFT baseline, a greedy loop over PEFT's forward, adapter by adapter.
 
 Records: tokens/s, and for ``bank``/``bare`` the p50/p99 time per generated token (per decode step).
+``bank`` and ``bare`` (the ratio the goals are about) run ``rounds`` times each, interleaved and in
+alternating order, so that a slow phase of a shared machine hits both alike; their tokens/s is the
+median over rounds and the per-token latencies pool every round. The PEFT baselines, an order of
+magnitude slower, run once.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Case:
     layers: int = 4
     vocab: int = 1000
     dtype: str = "float32"
+    rounds: int = 5  # interleaved timed runs of bank and bare
 
     @property
     def name(self) -> str:
@@ -45,7 +50,7 @@ class Case:
 
 
 SUITES = {"serve-cpu": [Case(1), Case(8), Case(64)],
-          "serve-cpu-quick": [Case(2, B=4, prompt_len=8, new_tokens=4, k=4, hidden=64, layers=2, vocab=100)],
+          "serve-cpu-quick": [Case(2, B=4, prompt_len=8, new_tokens=4, k=4, hidden=64, layers=2, vocab=100, rounds=2)],
           "serve-gpu": [Case(1, hidden=2048, layers=16, vocab=32000, dtype="bfloat16", new_tokens=32),
                         Case(8, hidden=2048, layers=16, vocab=32000, dtype="bfloat16", new_tokens=32),
                         Case(64, hidden=2048, layers=16, vocab=32000, dtype="bfloat16", new_tokens=32)]}
@@ -107,26 +112,42 @@ def run_case(case: Case, device) -> Dict[str, dict]:
     names = [f"a{row % case.adapters}" for row in range(case.B)]
     results: Dict[str, dict] = {}
 
-    steps: List[float] = []
-    last = [0.0]
+    def run_bank():
+        steps: List[float] = []
+        last = [time.perf_counter()]
 
-    def on_token(tokens, active):
-        now = time.perf_counter()
-        steps.append(now - last[0])
-        last[0] = now
+        def on_token(tokens, active):
+            now = time.perf_counter()
+            steps.append(now - last[0])
+            last[0] = now
+
+        last[0] = time.perf_counter()
+        tokens, seconds = _timed(lambda: bank.generate(ids, adapters=names, max_new_tokens=case.new_tokens,
+                                                       on_token=on_token))
+        return tokens, seconds, steps[1:]  # steps[0] includes the prefill
+
+    def run_bare():
+        steps: List[float] = []
+        streamer = _StepTimer(steps)
+        tokens, seconds = _timed(lambda: base.generate(ids, max_new_tokens=case.new_tokens,
+                                                       min_new_tokens=case.new_tokens, do_sample=False,
+                                                       pad_token_id=0, streamer=streamer))
+        return tokens, seconds, steps[2:]  # the first put is the prompt, the second the prefill
 
     bank.generate(ids[:2], adapters=names[:2], max_new_tokens=2)  # warm-up
-    last[0] = time.perf_counter()
-    bank_tokens, seconds = _timed(lambda: bank.generate(ids, adapters=names, max_new_tokens=case.new_tokens,
-                                                        on_token=on_token))
-    results["bank"] = _summary(case, seconds, steps[1:])  # steps[0] includes the prefill
-
     base.generate(ids[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)
-    bare_steps = []
-    streamer = _StepTimer(bare_steps)
-    _, seconds = _timed(lambda: base.generate(ids, max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens,
-                                              do_sample=False, pad_token_id=0, streamer=streamer))
-    results["bare"] = _summary(case, seconds, bare_steps[2:])  # the first put is the prompt, the second the prefill
+    runs: Dict[str, list] = {"bank": [], "bare": []}
+    for round_index in range(case.rounds):
+        order = ("bank", "bare") if round_index % 2 == 0 else ("bare", "bank")
+        for provider in order:
+            runs[provider].append((run_bank if provider == "bank" else run_bare)())
+    for provider, provider_runs in runs.items():
+        seconds = statistics.median(r[1] for r in provider_runs)
+        results[provider] = _summary(case, seconds, [step for r in provider_runs for step in r[2]])
+        results[provider]["rounds"] = len(provider_runs)
+    bank_tokens = runs["bank"][0][0]
+    if any(r[0] != bank_tokens for r in runs["bank"]):
+        raise RuntimeError("PromptBank.generate gave different tokens in different rounds of the same greedy batch")
 
     correct, loop_seconds, wrong, gen_seconds = {}, 0.0, 0, 0.0
     for name in dict.fromkeys(names):
