@@ -27,7 +27,7 @@
 namespace softprompt::cpu {
 namespace {
 
-constexpr int64_t kKeyBlock = 128;   // keys per chunk
+constexpr int64_t kKeyBlock = 128;   // keys per chunk (a multiple of kLanes)
 constexpr int64_t kTargetRows = 64;           // stacked (head, query) rows per forward block
 constexpr int64_t kTargetRowsBackward = 64;   // and per backward block
 
@@ -101,15 +101,15 @@ void load_block_rows(const scalar_t* base, const Strides4& st, const PrefixAtten
     }
 }
 
-// Masks sequence-key scores s [M, n] (keys j0..j0+n) by padding and causality.
+// Masks sequence-key scores s [M, n] (keys j0..j0+n, row stride lds) by padding and causality.
 template <typename acc_t>
 void mask_sequence_scores(const PrefixAttentionParams& p, int64_t b, int64_t i0, int64_t nq,
-                          int64_t j0, int64_t n, acc_t* s) {
+                          int64_t j0, int64_t n, int64_t lds, acc_t* s) {
   const int64_t group = p.heads_q / p.heads_kv, rows = group * nq;
   if (p.key_padding_mask) {
     for (int64_t c = 0; c < n; ++c) {
       if (p.key_is_real(b, j0 + c)) continue;
-      for (int64_t r = 0; r < rows; ++r) s[r * n + c] = neg_inf<acc_t>();
+      for (int64_t r = 0; r < rows; ++r) s[r * lds + c] = neg_inf<acc_t>();
     }
   }
   if (p.causal && j0 + n > p.causal_key_end(i0)) {
@@ -117,7 +117,7 @@ void mask_sequence_scores(const PrefixAttentionParams& p, int64_t b, int64_t i0,
       const int64_t first_hidden = std::max(p.causal_key_end(i0 + t), j0) - j0;
       if (first_hidden >= n) continue;
       for (int64_t g = 0; g < group; ++g)
-        std::fill(s + (g * nq + t) * n + first_hidden, s + (g * nq + t) * n + n, neg_inf<acc_t>());
+        std::fill(s + (g * nq + t) * lds + first_hidden, s + (g * nq + t) * lds + n, neg_inf<acc_t>());
     }
   }
 }
@@ -173,12 +173,14 @@ struct Workspace {
 };
 
 // One chunk of keys [j0, j0 + n) of a span, as acc_t rows, with its scaled and masked scores
-// written to ws.s [rows, n] (s = q_block @ K^T).
+// written to ws.s [rows, n] (s = q_block @ K^T) with row stride `width`: n rounded up to whole
+// vectors (kLanes), the extra columns -inf, so that the softmax passes run on whole vectors only
+// (a scalar tail of exponentials per row cost as much as the vector part at n = 100).
 template <typename acc_t>
 struct KeyChunk {
   const acc_t* k;
   const acc_t* v;
-  int64_t k_ld, v_ld, n;
+  int64_t k_ld, v_ld, n, width;
 };
 
 template <typename scalar_t>
@@ -189,10 +191,14 @@ KeyChunk<acc_type_t<scalar_t>> score_chunk(const PrefixAttentionParams& p, const
   const int64_t D = p.head_dim, rows = (p.heads_q / p.heads_kv) * nq;
   KeyChunk<acc_t> c;
   c.n = std::min(kKeyBlock, span.count - j0);
+  c.width = (c.n + kLanes - 1) / kLanes * kLanes;
   c.k = rows_as_acc(span.k + j0 * span.k_ld, span.k_ld, c.n, D, ws.kbuf.data(), &c.k_ld);
   c.v = rows_as_acc(span.v + j0 * span.v_ld, span.v_ld, c.n, D, ws.vbuf.data(), &c.v_ld);
-  scores_product<acc_t>(rows, c.n, D, ws.q.data(), D, c.k, c.k_ld, ws.s.data(), c.n);
-  if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, c.n, ws.s.data());
+  acc_t* s = ws.s.data();
+  scores_product<acc_t>(rows, c.n, D, ws.q.data(), D, c.k, c.k_ld, s, c.width);
+  if (c.width > c.n)
+    for (int64_t r = 0; r < rows; ++r) std::fill(s + r * c.width + c.n, s + (r + 1) * c.width, neg_inf<acc_t>());
+  if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, c.n, c.width, s);
   return c;
 }
 
@@ -215,22 +221,9 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
     const KeySpan<scalar_t>& span = spans[si];
     for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
       const KeyChunk<acc_t> c = score_chunk(p, span, j0, b, i0, nq, ws);
-      const int64_t n = c.n;
       acc_t* s = ws.s.data();
-      for (int64_t r = 0; r < rows; ++r) {
-        acc_t* s_row = s + r * n;
-        const acc_t m_new = std::max(ws.m[r], row_max(s_row, n));
-        if (m_new == neg_inf<acc_t>()) {  // nothing visible to this row yet
-          std::fill(s_row, s_row + n, acc_t(0));
-          continue;
-        }
-        const acc_t alpha = ws.m[r] == neg_inf<acc_t>() ? acc_t(0) : std::exp(ws.m[r] - m_new);
-        const acc_t sum = exp_shift_sum(s_row, n, m_new);
-        ws.l[r] = ws.l[r] * alpha + sum;
-        ws.m[r] = m_new;
-        if (alpha != acc_t(1)) scale_row(ws.o.data() + r * D, D, alpha);
-      }
-      accumulate_product<acc_t>(rows, D, n, s, n, c.v, c.v_ld, ws.o.data(), D);
+      online_softmax_chunk(s, rows, c.width, ws.m.data(), ws.l.data(), ws.o.data(), D);
+      accumulate_product<acc_t>(rows, D, c.n, s, c.width, c.v, c.v_ld, ws.o.data(), D);
     }
   }
 
@@ -290,22 +283,16 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
       acc_t* dv_span = span.is_prefix ? prefix_dv : ws.dv.data();
       for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
         const KeyChunk<acc_t> c = score_chunk(p, span, j0, b, i0, nq, ws);
-        const int64_t n = c.n;
+        const int64_t n = c.n, width = c.width;
         acc_t* s = ws.s.data();
         acc_t* dp = ws.dp.data();
-        scores_product<acc_t>(rows, n, D, ws.dout.data(), D, c.v, c.v_ld, dp, n);
-        for (int64_t r = 0; r < rows; ++r) {
-          if (ws.lse[r] == neg_inf<acc_t>()) {  // the query saw nothing: no gradient
-            std::fill(s + r * n, s + r * n + n, acc_t(0));
-            std::fill(dp + r * n, dp + r * n + n, acc_t(0));
-          } else {
-            softmax_grad_row(s + r * n, dp + r * n, n, ws.lse[r], ws.delta[r]);
-          }
-        }
+        scores_product<acc_t>(rows, n, D, ws.dout.data(), D, c.v, c.v_ld, dp, width);
+        // Padding columns: P = exp(-inf) = 0, so dS = 0 there (dp there is only ever 0).
+        softmax_grad_chunk(s, dp, rows, width, ws.lse.data(), ws.delta.data());
         // s holds P and dp holds dS (gradient of the scaled scores).
-        gemm<acc_t>(true, false, n, D, rows, 1, s, n, ws.dout.data(), D, 1, dv_span + j0 * D, D);
-        gemm<acc_t>(true, false, n, D, rows, 1, dp, n, ws.q.data(), D, 1, dk_span + j0 * D, D);
-        accumulate_product<acc_t>(rows, D, n, dp, n, c.k, c.k_ld, ws.dq.data(), D);
+        gemm<acc_t>(true, false, n, D, rows, 1, s, width, ws.dout.data(), D, 1, dv_span + j0 * D, D);
+        gemm<acc_t>(true, false, n, D, rows, 1, dp, width, ws.q.data(), D, 1, dk_span + j0 * D, D);
+        accumulate_product<acc_t>(rows, D, n, dp, width, c.k, c.k_ld, ws.dq.data(), D);
       }
     }
 

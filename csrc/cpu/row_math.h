@@ -3,8 +3,9 @@
 // Compiled for AVX-512, AVX2+FMA and baseline x86-64 (GCC picks one at load
 // time through target_clones), so the exponentials vectorise on any machine
 // without building the whole extension for one instruction set. The float
-// exponential is a Cody-Waite reduction plus a degree-6 polynomial: relative
-// error below 1e-7 on [-87, 88]; masked scores (-inf) map to exactly 0.
+// exponential (exp_approx) is a power-of-two reduction plus a degree-5 polynomial:
+// relative error below 3e-7 on [-1, 1], 1e-6 on [-10, 10] and 1e-5 down to -86.5;
+// below -86.5 (values under 3e-38), masked scores (-inf) included, it is exactly 0.
 #pragma once
 
 #include <cmath>
@@ -18,48 +19,48 @@
 #else
 #define SOFTPROMPT_MULTIVERSION
 #endif
+// Bodies shared by the clones: inlined into each, so each is compiled for the clone's instruction set.
+#if defined(__GNUC__)
+#define SOFTPROMPT_INLINE_BODY inline __attribute__((always_inline))
+#else
+#define SOFTPROMPT_INLINE_BODY inline
+#endif
 
 namespace softprompt::cpu {
 
-inline float exp_approx(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (xc * kLog2e + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = xc - n * kLn2Hi - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < -87.0f ? 0.0f : p * two_n;
+// exp(x) = 2^t, t = x * log2(e) = n + f with n = round(t), |f| <= 1/2: 2^f from a degree-5 polynomial
+// (near-minimax with 2^0 = 1 exact; relative error 1.9e-7 in float), 2^n added to its exponent bits. Short
+// and branch-free so that a vector of 16 costs about 15 instructions: with head dims of 32-64 the
+// exponentials cost a large fraction of the score products.
+SOFTPROMPT_INLINE_BODY float exp_approx(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t + kRound holds round(t) in its low mantissa bits
+  float t = x * kLog2e;
+  t = t > -125.0f ? t : -125.0f;  // keeps 2^n a normal float (and -inf finite): x < -86.5 gives 0 below
+  t = t < 127.0f ? t : 127.0f;
+  const float shifted = t + kRound;
+  const float n = shifted - kRound;
+  const float f = t - n;
+  float p = 1.326472731307149e-3f;
+  p = p * f + 9.671512991189957e-3f;
+  p = p * f + 5.550733581185341e-2f;
+  p = p * f + 2.4022242426872253e-1f;
+  p = p * f + 6.931470036506653e-1f;
+  p = p * f + 1.0f;  // exactly 1 at x = 0
+  uint32_t p_bits, shifted_bits;
+  std::memcpy(&p_bits, &p, sizeof(p));
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted));
+  p_bits += shifted_bits << 23;  // the low 9 bits of shifted hold n (two's complement): exponent += n
+  float result;
+  std::memcpy(&result, &p_bits, sizeof(result));
+  return x < -86.5f ? 0.0f : result;
 }
+SOFTPROMPT_INLINE_BODY float exp_of(float x) { return exp_approx(x); }
+SOFTPROMPT_INLINE_BODY double exp_of(double x) { return std::exp(x); }
+
 // Reductions keep 16 independent lanes so that they vectorise without
 // -ffast-math (a single float accumulator is a serial dependency chain).
 constexpr int64_t kLanes = 16;
-
-SOFTPROMPT_MULTIVERSION
-static float row_max(const float* __restrict s, int64_t n) {
-  float lanes[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = s[j + l] > lanes[l] ? s[j + l] : lanes[l];
-  float m = -std::numeric_limits<float>::infinity();
-  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
-  for (int64_t l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
-  return m;
-}
-static double row_max(const double* s, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
 
 SOFTPROMPT_MULTIVERSION
 static float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -78,50 +79,108 @@ static double dot(const double* a, const double* b, int64_t n) {
   return acc;
 }
 
-// s[j] <- exp(s[j] - shift); returns the sum. shift must be finite.
-SOFTPROMPT_MULTIVERSION
-static float exp_shift_sum(float* __restrict s, int64_t n, float shift) {
-  float lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float e = exp_approx(s[j + l] - shift);
-      s[j + l] = e;
-      lanes[l] += e;
-    }
-  float sum = 0.0f;
-  for (; j < n; ++j) {
-    s[j] = exp_approx(s[j] - shift);
-    sum += s[j];
-  }
-  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
+// Whole-chunk softmax passes: one call per key chunk (not one per row), rows of whole vectors.
+// The callers pad each score row to a multiple of kLanes with -inf (exp gives 0), so the loops
+// below have no scalar tail in practice; the tail loops only keep them correct for any width.
+
+template <typename T>
+static SOFTPROMPT_INLINE_BODY T tree_max(T* lanes) {
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t q = 0; q < w; ++q) lanes[q] = lanes[q + w] > lanes[q] ? lanes[q + w] : lanes[q];
+  return lanes[0];
 }
-static double exp_shift_sum(double* s, int64_t n, double shift) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - shift);
-    sum += s[j];
-  }
-  return sum;
+template <typename T>
+static SOFTPROMPT_INLINE_BODY T tree_sum(T* lanes) {
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t q = 0; q < w; ++q) lanes[q] += lanes[q + w];
+  return lanes[0];
 }
 
-// Backward: p = exp(s - lse) in place, then ds = p * (dp - delta) in dp.
-SOFTPROMPT_MULTIVERSION
-static void softmax_grad_row(float* __restrict s, float* __restrict dp, int64_t n, float lse,
-                             float delta) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = exp_approx(s[j] - lse);
-    s[j] = p;
-    dp[j] = p * (dp[j] - delta);
+// Forward online-softmax step over one key chunk, s [rows, width] in place: per row r,
+// m_new = max(m[r], max_j s), s <- exp(s - m_new), l[r] <- l[r] * alpha + sum(s), o[r, :D] *= alpha
+// with alpha = exp(m[r] - m_new). A row with no finite score yet keeps m = -inf, l = 0; its s is 0.
+template <typename T>
+static SOFTPROMPT_INLINE_BODY void online_softmax_chunk_body(T* __restrict s, int64_t rows, int64_t width,
+                                                             T* __restrict m, T* __restrict l, T* __restrict o,
+                                                             int64_t D) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s_row = s + r * width;
+    T lanes[kLanes];
+    for (int64_t q = 0; q < kLanes; ++q) lanes[q] = kNegInf;
+    int64_t j = 0;
+    for (; j + kLanes <= width; j += kLanes)
+      for (int64_t q = 0; q < kLanes; ++q) lanes[q] = s_row[j + q] > lanes[q] ? s_row[j + q] : lanes[q];
+    T row_m = tree_max(lanes);
+    for (; j < width; ++j) row_m = s_row[j] > row_m ? s_row[j] : row_m;
+    row_m = m[r] > row_m ? m[r] : row_m;
+    if (row_m == kNegInf) {  // nothing visible to this row yet
+      for (int64_t c = 0; c < width; ++c) s_row[c] = T(0);
+      continue;
+    }
+    for (int64_t q = 0; q < kLanes; ++q) lanes[q] = T(0);
+    j = 0;
+    for (; j + kLanes <= width; j += kLanes)
+      for (int64_t q = 0; q < kLanes; ++q) {
+        const T e = exp_of(s_row[j + q] - row_m);
+        s_row[j + q] = e;
+        lanes[q] += e;
+      }
+    T sum = tree_sum(lanes);
+    for (; j < width; ++j) {
+      s_row[j] = exp_of(s_row[j] - row_m);
+      sum += s_row[j];
+    }
+    const T alpha = m[r] == kNegInf ? T(0) : exp_of(m[r] - row_m);
+    l[r] = l[r] * alpha + sum;
+    m[r] = row_m;
+    if (alpha != T(1)) {
+      T* o_row = o + r * D;
+      for (int64_t d = 0; d < D; ++d) o_row[d] *= alpha;
+    }
   }
 }
-static void softmax_grad_row(double* s, double* dp, int64_t n, double lse, double delta) {
-  for (int64_t j = 0; j < n; ++j) {
-    const double p = std::exp(s[j] - lse);
-    s[j] = p;
-    dp[j] = p * (dp[j] - delta);
+
+// Backward over one key chunk, in place: s [rows, width] (scaled scores) becomes P = exp(s - lse[r])
+// and dp [rows, width] (dO @ V^T) becomes dS = P * (dp - delta[r]); rows with lse = -inf saw
+// nothing and get zeros.
+template <typename T>
+static SOFTPROMPT_INLINE_BODY void softmax_grad_chunk_body(T* __restrict s, T* __restrict dp, int64_t rows,
+                                                           int64_t width, const T* __restrict lse,
+                                                           const T* __restrict delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s_row = s + r * width;
+    T* dp_row = dp + r * width;
+    if (lse[r] == -std::numeric_limits<T>::infinity()) {
+      for (int64_t c = 0; c < width; ++c) s_row[c] = dp_row[c] = T(0);
+      continue;
+    }
+    const T row_lse = lse[r], row_delta = delta[r];
+    for (int64_t c = 0; c < width; ++c) {
+      const T p = exp_of(s_row[c] - row_lse);
+      s_row[c] = p;
+      dp_row[c] = p * (dp_row[c] - row_delta);
+    }
   }
+}
+
+SOFTPROMPT_MULTIVERSION
+static void online_softmax_chunk(float* s, int64_t rows, int64_t width, float* m, float* l, float* o,
+                                 int64_t D) {
+  online_softmax_chunk_body(s, rows, width, m, l, o, D);
+}
+static void online_softmax_chunk(double* s, int64_t rows, int64_t width, double* m, double* l, double* o,
+                                 int64_t D) {
+  online_softmax_chunk_body(s, rows, width, m, l, o, D);
+}
+SOFTPROMPT_MULTIVERSION
+static void softmax_grad_chunk(float* s, float* dp, int64_t rows, int64_t width, const float* lse,
+                               const float* delta) {
+  softmax_grad_chunk_body(s, dp, rows, width, lse, delta);
+}
+static void softmax_grad_chunk(double* s, double* dp, int64_t rows, int64_t width, const double* lse,
+                               const double* delta) {
+  softmax_grad_chunk_body(s, dp, rows, width, lse, delta);
 }
 
 // Small block products (few query rows, e.g. decoding), each in one multiversioned call so that
@@ -169,11 +228,6 @@ static void accumulate_small(int64_t m, int64_t k, int64_t n, const double* p, i
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j)
       for (int64_t d = 0; d < k; ++d) c[i * ldc + d] += p[i * ldp + j] * b[j * ldb + d];
-}
-
-template <typename T>
-inline void scale_row(T* __restrict x, int64_t n, T factor) {
-  for (int64_t j = 0; j < n; ++j) x[j] *= factor;
 }
 
 }  // namespace softprompt::cpu
