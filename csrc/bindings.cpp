@@ -49,12 +49,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool seq_grads,
+    bool prefix_grads) {
   PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
                                      key_padding_mask, causal, scale, at::kCPU);
   check_index_values_on_host(in);
   PreparedGradInputs gin = prepare_grad_inputs(in, grad_out, grad_lse, out, lse);
-  GradOutputs grads = allocate_grad_outputs(in);
+  GradOutputs grads = allocate_grad_outputs(in, seq_grads, prefix_grads);
   PrefixAttentionGradParams params = make_grad_params(in, gin, grads);
   dispatch_float_types(q.scalar_type(), "q", [&](auto tag) {
     cpu::prefix_attention_backward<decltype(tag)>(params);
@@ -73,7 +74,8 @@ TORCH_LIBRARY(softprompt_kernels, m) {
   m.def(
       "prefix_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor prefix_k, Tensor prefix_v, Tensor? prompt_ids, Tensor? prefix_lens, "
-      "Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale) -> "
+      "Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, "
+      "bool seq_grads=True, bool prefix_grads=True) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_prefix_k, Tensor grad_prefix_v)");
 }
 

@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, bool, double) {
+    const at::Tensor&, bool, double, bool, bool) {
   TORCH_CHECK_NOT_IMPLEMENTED(false,
                               "the cuda backend of prefix_attention is forward-only (serving and "
                               "prefill); train with backend='triton' (or 'auto', which picks it "

@@ -214,12 +214,25 @@ inline PreparedGradInputs prepare_grad_inputs(const PreparedInputs& in, const at
   return g;
 }
 
-inline GradOutputs allocate_grad_outputs(const PreparedInputs& in) {
+// Gradients that are not wanted come back as empty tensors of shape [0] (never read or written).
+inline GradOutputs allocate_grad_outputs(const PreparedInputs& in, bool seq_grads = true,
+                                         bool prefix_grads = true) {
   const auto opts = in.q.options();
   GradOutputs g;
-  g.q = at::empty({in.B, in.Lq, in.Hq, in.D}, opts).transpose(1, 2);
-  g.k = at::empty({in.B, in.Lk, in.Hkv, in.D}, opts).transpose(1, 2);
-  g.v = at::empty({in.B, in.Lk, in.Hkv, in.D}, opts).transpose(1, 2);
+  if (seq_grads) {
+    g.q = at::empty({in.B, in.Lq, in.Hq, in.D}, opts).transpose(1, 2);
+    g.k = at::empty({in.B, in.Lk, in.Hkv, in.D}, opts).transpose(1, 2);
+    g.v = at::empty({in.B, in.Lk, in.Hkv, in.D}, opts).transpose(1, 2);
+  } else {
+    g.q = at::empty({0}, opts);  // distinct tensors: outputs must not alias
+    g.k = at::empty({0}, opts);
+    g.v = at::empty({0}, opts);
+  }
+  if (!prefix_grads) {
+    g.prefix_k = at::empty({0}, opts);
+    g.prefix_v = at::empty({0}, opts);
+    return g;
+  }
   g.prefix_k = at::zeros({in.P, in.Hkv, in.K, in.D}, opts);
   g.prefix_v = at::zeros({in.P, in.Hkv, in.K, in.D}, opts);
   if (in.P > 0 && in.K > 0 && in.q.device().is_cpu()) {
@@ -241,16 +254,22 @@ inline PrefixAttentionGradParams make_grad_params(const PreparedInputs& in, cons
   p.grad_out = gin.grad_out.data_ptr();
   p.grad_out_strides = strides_of(gin.grad_out);
   p.grad_lse = gin.grad_lse.defined() ? gin.grad_lse.data_ptr() : nullptr;
-  p.grad_q = grads.q.data_ptr();
-  p.grad_k = grads.k.data_ptr();
-  p.grad_v = grads.v.data_ptr();
-  p.grad_prefix_k = grads.prefix_k.data_ptr();
-  p.grad_prefix_v = grads.prefix_v.data_ptr();
-  p.grad_q_strides = strides_of(grads.q);
-  p.grad_k_strides = strides_of(grads.k);
-  p.grad_v_strides = strides_of(grads.v);
-  p.grad_pk_strides = strides_of(grads.prefix_k);
-  p.grad_pv_strides = strides_of(grads.prefix_v);
+  p.seq_grads = grads.q.dim() == 4;
+  p.prefix_grads = grads.prefix_k.dim() == 4;
+  if (p.seq_grads) {
+    p.grad_q = grads.q.data_ptr();
+    p.grad_k = grads.k.data_ptr();
+    p.grad_v = grads.v.data_ptr();
+    p.grad_q_strides = strides_of(grads.q);
+    p.grad_k_strides = strides_of(grads.k);
+    p.grad_v_strides = strides_of(grads.v);
+  }
+  if (p.prefix_grads) {
+    p.grad_prefix_k = grads.prefix_k.data_ptr();
+    p.grad_prefix_v = grads.prefix_v.data_ptr();
+    p.grad_pk_strides = strides_of(grads.prefix_k);
+    p.grad_pv_strides = strides_of(grads.prefix_v);
+  }
   p.prefix_partial_k = grads.prefix_partial_k.defined() ? grads.prefix_partial_k.data_ptr() : nullptr;
   p.prefix_partial_v = grads.prefix_partial_v.defined() ? grads.prefix_partial_v.data_ptr() : nullptr;
   return p;

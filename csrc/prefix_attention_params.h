@@ -71,6 +71,12 @@ struct PrefixAttentionGradParams : PrefixAttentionParams {
   Strides4 grad_out_strides;
   const void* grad_lse;  // [B, Hq, Lq] contiguous, accumulation dtype, or nullptr
 
+  // Which gradients are wanted (autograd's needs_input_grad): seq_grads = those of q, k and v;
+  // prefix_grads = those of prefix_k and prefix_v. The kernels skip the work of the others (with
+  // frozen first layers, q, k and v need none: only the prefix does) and leave their pointers null.
+  bool seq_grads;
+  bool prefix_grads;
+
   // Gradients, written in full (zeros where no gradient flows).
   void* grad_q;          // [B, Hq, Lq, D]
   void* grad_k;          // [B, Hkv, Lk, D]

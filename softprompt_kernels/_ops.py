@@ -1,7 +1,8 @@
 """Registration of the C++ ops (schemas live in csrc/bindings.cpp): fake kernels and autograd.
 
 ``torch.ops.softprompt_kernels.prefix_attention_fwd`` returns ``(out, lse)``;
-``prefix_attention_bwd`` returns the five gradients. With the fake kernels below,
+``prefix_attention_bwd`` returns the five gradients (those that ``seq_grads=False`` or
+``prefix_grads=False`` turn off come back empty, shape [0]). With the fake kernels below,
 ``torch.compile(fullgraph=True)`` traces through the op and ``opcheck`` passes.
 """
 from __future__ import annotations
@@ -48,11 +49,15 @@ if _C is not None:
 
     @torch.library.register_fake("softprompt_kernels::prefix_attention_bwd")
     def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                  key_padding_mask, out, lse, causal, scale):
-        return (_bshd_like(q.shape, q), _bshd_like(k.shape, k), _bshd_like(v.shape, v),
-                torch.empty_like(prefix_k, memory_format=torch.contiguous_format),
-                torch.empty_like(prefix_v, memory_format=torch.contiguous_format))
+                  key_padding_mask, out, lse, causal, scale, seq_grads=True, prefix_grads=True):
+        seq = ((_bshd_like(q.shape, q), _bshd_like(k.shape, k), _bshd_like(v.shape, v)) if seq_grads
+               else (q.new_empty(0), q.new_empty(0), q.new_empty(0)))
+        prefix = ((torch.empty_like(prefix_k, memory_format=torch.contiguous_format),
+                   torch.empty_like(prefix_v, memory_format=torch.contiguous_format)) if prefix_grads
+                  else (q.new_empty(0), q.new_empty(0)))
+        return (*seq, *prefix)
 
-    _backward, _setup_context = prefix_attention_autograd(torch.ops.softprompt_kernels.prefix_attention_bwd)
+    _backward, _setup_context = prefix_attention_autograd(torch.ops.softprompt_kernels.prefix_attention_bwd,
+                                                          input_mask=True)
     torch.library.register_autograd("softprompt_kernels::prefix_attention_fwd", _backward,
                                     setup_context=_setup_context)

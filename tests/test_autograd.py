@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from helpers import Case, make_inputs
+from helpers import Case, make_inputs, upstream_grad
 
 BACKENDS = ["torch", "cpu"]
 
@@ -95,3 +95,44 @@ def test_expanded_upstream_gradients(backend):
         results.append(torch.autograd.grad(out.sum() + lse.sum(), tensors))
     for expected, actual in zip(*results):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+FROZEN_SUBSETS = {
+    "prefix-only": (False, False, False, True, True),  # a frozen first layer under prompt or prefix tuning
+    "sequence-only": (True, True, True, False, False),  # frozen prefix (a served adapter, fine-tuning the rest)
+    "q-and-prefix-v": (True, False, False, False, True),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("subset", list(FROZEN_SUBSETS), ids=str)
+@pytest.mark.parametrize("case", GRADCHECK_CASES[:2], ids=str)
+def test_gradients_of_a_subset_of_inputs_equal_the_full_backward(case, subset, backend):
+    """Only some inputs need gradients (autograd's needs_input_grad): the backward skips the rest's
+    work, and the gradients it does return equal those of the full backward."""
+    tensors, kwargs = make_inputs(case, dtype=torch.float64)
+    weights = upstream_grad((case.B, case.Hq, case.Lq, case.D))
+    full = torch.autograd.grad((sk.prefix_attention(*tensors, **kwargs, backend=backend) * weights).sum(), tensors)
+    wanted = FROZEN_SUBSETS[subset]
+    inputs = [t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
+    out = sk.prefix_attention(*inputs, **kwargs, backend=backend)
+    grads = torch.autograd.grad((out * weights).sum(), [t for t in inputs if t.requires_grad])
+    expected = [g for g, w in zip(full, wanted) if w]
+    for got, exp in zip(grads, expected):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seq_grads,prefix_grads", [(False, True), (True, False), (False, False)])
+def test_backward_op_returns_unwanted_gradients_empty(seq_grads, prefix_grads):
+    (q, k, v, pk, pv), kw = make_inputs(GRADCHECK_CASES[0], dtype=torch.float64, requires_grad=False)
+    args = (q, k, v, pk, pv, kw["prompt_ids"], kw["prefix_lens"], kw["key_padding_mask"], kw["causal"], 0.5)
+    out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(*args)
+    grad_out = upstream_grad(out.shape)
+    bwd = torch.ops.softprompt_kernels.prefix_attention_bwd
+    full = bwd(grad_out, None, q, k, v, pk, pv, *args[5:8], out, lse, kw["causal"], 0.5)
+    part = bwd(grad_out, None, q, k, v, pk, pv, *args[5:8], out, lse, kw["causal"], 0.5, seq_grads, prefix_grads)
+    for index, (got, exp) in enumerate(zip(part, full)):
+        if (seq_grads if index < 3 else prefix_grads):
+            torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-14)
+        else:
+            assert got.shape == (0,), f"gradient {index} was not asked for but has shape {tuple(got.shape)}"

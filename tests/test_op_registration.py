@@ -24,14 +24,16 @@ def test_opcheck_forward_op(case, dtype):
     torch.library.opcheck(torch.ops.softprompt_kernels.prefix_attention_fwd.default, _op_args(case, dtype))
 
 
-def test_opcheck_backward_op():
+@pytest.mark.parametrize("wanted", [(True, True), (False, True), (True, False)], ids=str)
+def test_opcheck_backward_op(wanted):
     args = _op_args(OPCHECK_CASES[0])
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(*detached)
     grad_out = torch.randn_like(out)
     q, k, v, pk, pv, ids, lens, mask, causal, scale = detached
     torch.library.opcheck(torch.ops.softprompt_kernels.prefix_attention_bwd.default,
-                          (grad_out, torch.randn_like(lse), q, k, v, pk, pv, ids, lens, mask, out, lse, causal, scale))
+                          (grad_out, torch.randn_like(lse), q, k, v, pk, pv, ids, lens, mask, out, lse, causal, scale,
+                           *wanted))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -7,7 +7,8 @@
 //   backward: one task per (row b, kv head); it owns dq for the group's heads
 //             and dk/dv of its row, so nothing is shared between tasks. The
 //             prefix gradient of each task goes to a per-row partial and is
-//             then summed per prompt in row order (deterministic).
+//             then summed per prompt in row order (deterministic). Without
+//             seq_grads only the prefix keys are visited (dq, dk, dv skipped).
 // Block products go through blas.h; the softmax rows through row_math.h.
 #include "prefix_attention_cpu.h"
 
@@ -252,8 +253,11 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
   using acc_t = acc_type_t<scalar_t>;
   const int64_t group = p.heads_q / p.heads_kv, D = p.head_dim, Lk = p.len_k;
   const int64_t bq = queries_per_block(p, kTargetRowsBackward);
-  std::fill(ws.dk.begin(), ws.dk.end(), acc_t(0));
-  std::fill(ws.dv.begin(), ws.dv.end(), acc_t(0));
+  const bool seq_grads = p.seq_grads, prefix_grads = prefix_dk != nullptr;
+  if (seq_grads) {
+    std::fill(ws.dk.begin(), ws.dk.end(), acc_t(0));
+    std::fill(ws.dv.begin(), ws.dv.end(), acc_t(0));
+  }
 
   for (int64_t i0 = 0; i0 < p.len_q; i0 += bq) {
     const int64_t nq = std::min(bq, p.len_q - i0), rows = group * nq;
@@ -279,6 +283,9 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
     const int n_spans = make_spans(p, b, hkv, p.causal_key_end(i0 + nq - 1), spans);
     for (int si = 0; si < n_spans; ++si) {
       const KeySpan<scalar_t>& span = spans[si];
+      // The sequence keys feed only dq, dk and dv; the prefix feeds dq and the prefix gradients.
+      const bool want_kv = span.is_prefix ? prefix_grads : seq_grads;
+      if (!want_kv && !seq_grads) continue;
       acc_t* dk_span = span.is_prefix ? prefix_dk : ws.dk.data();
       acc_t* dv_span = span.is_prefix ? prefix_dv : ws.dv.data();
       for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
@@ -290,12 +297,15 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
         // Padding columns: P = exp(-inf) = 0, so dS = 0 there (dp there is only ever 0).
         softmax_grad_chunk(s, dp, rows, width, ws.lse.data(), ws.delta.data());
         // s holds P and dp holds dS (gradient of the scaled scores).
-        gemm<acc_t>(true, false, n, D, rows, 1, s, width, ws.dout.data(), D, 1, dv_span + j0 * D, D);
-        gemm<acc_t>(true, false, n, D, rows, 1, dp, width, ws.q.data(), D, 1, dk_span + j0 * D, D);
-        accumulate_product<acc_t>(rows, D, n, dp, width, c.k, c.k_ld, ws.dq.data(), D);
+        if (want_kv) {
+          gemm<acc_t>(true, false, n, D, rows, 1, s, width, ws.dout.data(), D, 1, dv_span + j0 * D, D);
+          gemm<acc_t>(true, false, n, D, rows, 1, dp, width, ws.q.data(), D, 1, dk_span + j0 * D, D);
+        }
+        if (seq_grads) accumulate_product<acc_t>(rows, D, n, dp, width, c.k, c.k_ld, ws.dq.data(), D);
       }
     }
 
+    if (!seq_grads) continue;
     auto* grad_q = static_cast<scalar_t*>(p.grad_q);
     const acc_t scale = static_cast<acc_t>(p.scale);
     for (int64_t g = 0; g < group; ++g)
@@ -307,6 +317,7 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
       }
   }
 
+  if (!seq_grads) return;
   auto* grad_k = static_cast<scalar_t*>(p.grad_k);
   auto* grad_v = static_cast<scalar_t*>(p.grad_v);
   for (int64_t j = 0; j < Lk; ++j) {
@@ -371,7 +382,9 @@ template <typename scalar_t>
 void prefix_attention_backward(const PrefixAttentionGradParams& p) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t K = p.prefix_slots, D = p.head_dim, Hkv = p.heads_kv;
-  const bool has_prefix = p.num_prompts > 0 && K > 0 && p.prefix_partial_k && p.prefix_partial_v;
+  const bool has_prefix =
+      p.prefix_grads && p.num_prompts > 0 && K > 0 && p.prefix_partial_k && p.prefix_partial_v;
+  if (!p.seq_grads && !has_prefix) return;  // nothing wanted (prefix gradients, if any, are zeros)
   // Per-(row, kv head) prefix gradients; only slots < prefix_len are written and read.
   auto* partial_k = static_cast<acc_t*>(p.prefix_partial_k);
   auto* partial_v = static_cast<acc_t*>(p.prefix_partial_v);
