@@ -402,14 +402,25 @@ def _bshd_empty(shape, like):
 
 
 def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                         key_padding_mask, out, lse, causal: bool, scale: float, deterministic: bool = True):
-    """Launches the backward kernels; returns (dq, dk, dv, dprefix_k, dprefix_v)."""
+                         key_padding_mask, out, lse, causal: bool, scale: float, deterministic: bool = True,
+                         seq_grads: bool = True, prefix_grads: bool = True):
+    """Launches the backward kernels; returns (dq, dk, dv, dprefix_k, dprefix_v).
+
+    ``seq_grads=False`` skips the dk/dv and dq kernels, ``prefix_grads=False`` the prefix kernel
+    (autograd's needs_input_grad); gradients not computed come back empty, shape [0].
+    """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = prefix_k.shape[0]
-    dq, dk, dv = _bshd_empty(q.shape, q), _bshd_empty(k.shape, k), _bshd_empty(v.shape, v)
-    dprefix_k = torch.zeros_like(prefix_k, memory_format=torch.contiguous_format)
-    dprefix_v = torch.zeros_like(prefix_v, memory_format=torch.contiguous_format)
+    if seq_grads:
+        dq, dk, dv = _bshd_empty(q.shape, q), _bshd_empty(k.shape, k), _bshd_empty(v.shape, v)
+    else:
+        dq, dk, dv = q.new_empty(0), q.new_empty(0), q.new_empty(0)
+    if prefix_grads:
+        dprefix_k = torch.zeros_like(prefix_k, memory_format=torch.contiguous_format)
+        dprefix_v = torch.zeros_like(prefix_v, memory_format=torch.contiguous_format)
+    else:
+        dprefix_k, dprefix_v = q.new_empty(0), q.new_empty(0)
     if B * Hkv * Lk == 0 or D == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dprefix_k, dprefix_v
     if Lq == 0:
@@ -428,7 +439,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
     pad, stride_pb, stride_pn = padding_view(key_padding_mask, q)
     pk, pv, ids, lens, n_slots = usable_prefix(q, prefix_k, prefix_v, prompt_ids, prefix_lens)
     q_chunk, n_splits = prefix_query_chunks(q.device, Lq, B * Hkv * triton.cdiv(n_slots, 64))
-    if n_slots == 0:
+    n_slots_grad = n_slots if prefix_grads else 0  # the prefix still feeds dq either way
+    if n_slots_grad == 0:
         grad_pk = grad_pv = None  # no prefix kernel runs
     elif deterministic:
         grad_pk = torch.empty((B, n_splits, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
@@ -447,15 +459,16 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
     def kv_grid(meta):
         return (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
 
-    launcher(prefix_attention_bwd_kv_kernel)[kv_grid](
-        q, k, v, pad, grad_out, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), stride_pb, stride_pn,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        Hq, Hkv, Lq, Lk, D, Hq // Hkv, scale, scale * LOG2E, *buckets,
-        HAS_PADDING=key_padding_mask is not None, CAUSAL=causal, **common)
+    if seq_grads:
+        launcher(prefix_attention_bwd_kv_kernel)[kv_grid](
+            q, k, v, pad, grad_out, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), stride_pb, stride_pn,
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            Hq, Hkv, Lq, Lk, D, Hq // Hkv, scale, scale * LOG2E, *buckets,
+            HAS_PADDING=key_padding_mask is not None, CAUSAL=causal, **common)
 
-    if n_slots > 0:
+    if n_slots_grad > 0:
         def prefix_grid(meta):
             return (triton.cdiv(n_slots, meta["BLOCK_N"]), n_splits, B * Hkv)
 
@@ -470,12 +483,13 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
     def dq_grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
 
-    launcher(prefix_attention_bwd_dq_kernel)[dq_grid](
-        q, k, v, pk, pv, ids if ids is not None else q, lens if lens is not None else q, pad, grad_out, lse,
-        delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *buckets, **flags)
+    if seq_grads:
+        launcher(prefix_attention_bwd_dq_kernel)[dq_grid](
+            q, k, v, pk, pv, ids if ids is not None else q, lens if lens is not None else q, pad, grad_out, lse,
+            delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *buckets, **flags)
 
-    if n_slots > 0:
+    if n_slots_grad > 0:
         if deterministic:
             block_s = reduce_block(block_d)
             for partial, dst in ((grad_pk, dprefix_k), (grad_pv, dprefix_v)):

@@ -69,12 +69,14 @@ if TRITON_IMPORT_ERROR is None:
                                     v: Tensor, prefix_k: Tensor, prefix_v: Tensor, prompt_ids: Optional[Tensor],
                                     prefix_lens: Optional[Tensor], key_padding_mask: Optional[Tensor],
                                     out: Tensor, lse: Tensor, causal: bool, scale: float,
-                                    deterministic: bool) -> List[Tensor]:
+                                    deterministic: bool, seq_grads: bool = True,
+                                    prefix_grads: bool = True) -> List[Tensor]:
         # grad_lse is read as a contiguous [B, Hq, Lq] array (it is often an expanded view, e.g. of lse.sum())
         grad_lse = grad_lse.float().contiguous() if grad_lse is not None else None
         grads = prefix_attention_bwd(_as_rows(grad_out), grad_lse, _as_rows(q), _as_rows(k), _as_rows(v),
                                      _as_rows(prefix_k), _as_rows(prefix_v), _dense(prompt_ids), _dense(prefix_lens),
-                                     key_padding_mask, out, lse, causal, scale, deterministic)
+                                     key_padding_mask, out, lse, causal, scale, deterministic, seq_grads,
+                                     prefix_grads)
         return list(grads)
 
     if interpreting():  # custom_op needs fake kernels; triton_op derives them by tracing
@@ -85,7 +87,8 @@ if TRITON_IMPORT_ERROR is None:
             return out, q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
     _backward, _setup_context = prefix_attention_autograd(
-        torch.ops.softprompt_kernels.triton_prefix_attention_bwd, extra_args=lambda: (_deterministic(),))
+        torch.ops.softprompt_kernels.triton_prefix_attention_bwd, extra_args=lambda: (_deterministic(),),
+        input_mask=True)
     triton_prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
