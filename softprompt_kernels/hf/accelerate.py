@@ -188,7 +188,10 @@ def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, 
     else:
         first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), first_labels,
                                 ignore_index=-100, reduction="sum")
-    rest = F.cross_entropy(text_logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
+    # Position t predicts labels[:, t + 1]; the last position predicts nothing (-100). Shifting the
+    # labels instead of slicing the logits keeps the [B * n, V] logits a view (no copy either way).
+    next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    rest = F.cross_entropy(text_logits.float().reshape(-1, vocab), next_labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
     return (first + rest) / count
