@@ -95,8 +95,9 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
     for step in range(int(limits.max()) if batch else 0):
         token = _sample(out.logits[:, -1], temperatures, top_ps, generators)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        chosen = token.tolist()  # one transfer per step, not one per row
         for row in (~finished).nonzero().flatten().tolist():
-            new[row].append(int(token[row]))
+            new[row].append(chosen[row])
         if on_token is not None:
             on_token(token, ~finished)
         finished = finished | (limits <= step + 1)
