@@ -4,6 +4,7 @@
 //   forward : one task per (row b, kv head, block of queries); the block holds
 //             the queries of all q heads in the kv head's group, stacked as
 //             rows r = g * nq + t, so K/V chunks are loaded once per group.
+//             Key chunks run along [prefix slots; sequence keys] (forward_chunk).
 //   backward: one task per (row b, kv head); it owns dq for the group's heads
 //             and dk/dv of its row, so nothing is shared between tasks. The
 //             prefix gradient of each task goes to a per-row partial and is
@@ -203,6 +204,63 @@ KeyChunk<acc_type_t<scalar_t>> score_chunk(const PrefixAttentionParams& p, const
   return c;
 }
 
+// Forward chunks run along the combined key axis [prefix slots; sequence keys] of a row: a chunk
+// that straddles the two spans is gathered into one buffer, so a short prefix (k = 16 before 32
+// prompt tokens when serving) costs no block products of its own; a chunk inside one span is read
+// in place. Used where the block products go to BLAS (more than kSmallRows rows); the backward keeps
+// per-span chunks (its key gradients go to different places).
+template <typename scalar_t>
+KeyChunk<acc_type_t<scalar_t>> forward_chunk(const PrefixAttentionParams& p, const KeySpan<scalar_t>* spans,
+                                             int n_spans, int64_t c0, int64_t total, int64_t b, int64_t i0,
+                                             int64_t nq, Workspace<acc_type_t<scalar_t>>& ws) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = p.head_dim, rows = (p.heads_q / p.heads_kv) * nq;
+  struct Part {
+    const KeySpan<scalar_t>* span;
+    int64_t first, count, column;  // keys [first, first + count) of the span at chunk column `column`
+  };
+  Part parts[2];
+  int n_parts = 0;
+  KeyChunk<acc_t> c;
+  c.n = std::min(kKeyBlock, total - c0);
+  c.width = (c.n + kLanes - 1) / kLanes * kLanes;
+  for (int64_t si = 0, start = 0; si < n_spans; start += spans[si].count, ++si) {
+    const int64_t lo = std::max(c0, start), hi = std::min(c0 + c.n, start + spans[si].count);
+    if (lo < hi) parts[n_parts++] = {&spans[si], lo - start, hi - lo, lo - c0};
+  }
+  if (n_parts == 1) {
+    const KeySpan<scalar_t>& span = *parts[0].span;
+    c.k = rows_as_acc(span.k + parts[0].first * span.k_ld, span.k_ld, c.n, D, ws.kbuf.data(), &c.k_ld);
+    c.v = rows_as_acc(span.v + parts[0].first * span.v_ld, span.v_ld, c.n, D, ws.vbuf.data(), &c.v_ld);
+  } else {
+    for (int i = 0; i < n_parts; ++i) {
+      const Part& part = parts[i];
+      const KeySpan<scalar_t>& span = *part.span;
+      for (int64_t r = 0; r < part.count; ++r) {
+        const scalar_t* k_row = span.k + (part.first + r) * span.k_ld;
+        const scalar_t* v_row = span.v + (part.first + r) * span.v_ld;
+        acc_t* k_dst = ws.kbuf.data() + (part.column + r) * D;
+        acc_t* v_dst = ws.vbuf.data() + (part.column + r) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          k_dst[d] = static_cast<acc_t>(k_row[d]);
+          v_dst[d] = static_cast<acc_t>(v_row[d]);
+        }
+      }
+    }
+    c.k = ws.kbuf.data();
+    c.v = ws.vbuf.data();
+    c.k_ld = c.v_ld = D;
+  }
+  acc_t* s = ws.s.data();
+  scores_product<acc_t>(rows, c.n, D, ws.q.data(), D, c.k, c.k_ld, s, c.width);
+  if (c.width > c.n)
+    for (int64_t r = 0; r < rows; ++r) std::fill(s + r * c.width + c.n, s + (r + 1) * c.width, neg_inf<acc_t>());
+  for (int i = 0; i < n_parts; ++i)
+    if (!parts[i].span->is_prefix)
+      mask_sequence_scores(p, b, i0, nq, parts[i].first, parts[i].count, c.width, s + parts[i].column);
+  return c;
+}
+
 // ---------------------------------------------------------------- forward
 
 template <typename scalar_t>
@@ -218,14 +276,19 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
 
   KeySpan<scalar_t> spans[2];
   const int n_spans = make_spans(p, b, hkv, p.causal_key_end(i0 + nq - 1), spans);
-  for (int si = 0; si < n_spans; ++si) {
-    const KeySpan<scalar_t>& span = spans[si];
-    for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
-      const KeyChunk<acc_t> c = score_chunk(p, span, j0, b, i0, nq, ws);
-      acc_t* s = ws.s.data();
-      online_softmax_chunk(s, rows, c.width, ws.m.data(), ws.l.data(), ws.o.data(), D);
-      accumulate_product<acc_t>(rows, D, c.n, s, c.width, c.v, c.v_ld, ws.o.data(), D);
-    }
+  auto process = [&](const KeyChunk<acc_t>& c) {
+    acc_t* s = ws.s.data();
+    online_softmax_chunk(s, rows, c.width, ws.m.data(), ws.l.data(), ws.o.data(), D);
+    accumulate_product<acc_t>(rows, D, c.n, s, c.width, c.v, c.v_ld, ws.o.data(), D);
+  };
+  if (rows > kSmallRows) {  // BLAS products: fewer, larger chunks pay for the gather
+    const int64_t total = n_spans == 0 ? 0 : spans[0].count + (n_spans > 1 ? spans[1].count : 0);
+    for (int64_t c0 = 0; c0 < total; c0 += kKeyBlock)
+      process(forward_chunk(p, spans, n_spans, c0, total, b, i0, nq, ws));
+  } else {  // decoding: the row helpers have no per-call cost to save; read each span in place
+    for (int si = 0; si < n_spans; ++si)
+      for (int64_t j0 = 0; j0 < spans[si].count; j0 += kKeyBlock)
+        process(score_chunk(p, spans[si], j0, b, i0, nq, ws));
   }
 
   auto* out = static_cast<scalar_t*>(p.out);
