@@ -26,12 +26,13 @@ FIXED_CASES = [
     Case(2, 2, 1, 150, 150, 2, 130, 8, prompt_ids=[1, 0], prefix_lens=[130, 129],
          name="longer-than-one-key-block"),
     Case(1, 2, 2, 2, 3, 1, 2, 1, name="head-dim-one"),
-    # More than 8 stacked (head, query) rows: the CPU forward gathers chunks across prefix and sequence keys.
+    # More than 8 stacked (head, query) rows and one chunk fewer when gathered: the CPU forward gathers
+    # chunks across prefix slots and sequence keys.
     Case(4, 8, 2, 6, 6, 2, 5, 8, prompt_ids=[0, 1, -1, 1], prefix_lens=[5, 2],
          padding=[[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1]],
          name="gathered-chunks-padded-multi-prompt"),
-    Case(2, 4, 2, 20, 40, 1, 120, 8, padding=[[0] * 5 + [1] * 35, [1] * 38 + [0, 0]],
-         name="chunk-straddles-prefix-and-keys-at-128"),
+    Case(2, 4, 2, 20, 40, 1, 130, 8, padding=[[1] * 38 + [0, 0], [0] * 5 + [1] * 35],
+         name="second-chunk-gathers-prefix-tail-and-keys"),  # chunks [0, 128) and [128, 170)
 ]
 
 

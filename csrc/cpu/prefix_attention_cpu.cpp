@@ -207,8 +207,8 @@ KeyChunk<acc_type_t<scalar_t>> score_chunk(const PrefixAttentionParams& p, const
 // Forward chunks run along the combined key axis [prefix slots; sequence keys] of a row: a chunk
 // that straddles the two spans is gathered into one buffer, so a short prefix (k = 16 before 32
 // prompt tokens when serving) costs no block products of its own; a chunk inside one span is read
-// in place. Used where the block products go to BLAS (more than kSmallRows rows); the backward keeps
-// per-span chunks (its key gradients go to different places).
+// in place. Used where that saves a chunk and the block products go to BLAS (more than kSmallRows
+// rows); the backward keeps per-span chunks (its key gradients go to different places).
 template <typename scalar_t>
 KeyChunk<acc_type_t<scalar_t>> forward_chunk(const PrefixAttentionParams& p, const KeySpan<scalar_t>* spans,
                                              int n_spans, int64_t c0, int64_t total, int64_t b, int64_t i0,
@@ -281,11 +281,17 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
     online_softmax_chunk(s, rows, c.width, ws.m.data(), ws.l.data(), ws.o.data(), D);
     accumulate_product<acc_t>(rows, D, c.n, s, c.width, c.v, c.v_ld, ws.o.data(), D);
   };
-  if (rows > kSmallRows) {  // BLAS products: fewer, larger chunks pay for the gather
-    const int64_t total = n_spans == 0 ? 0 : spans[0].count + (n_spans > 1 ? spans[1].count : 0);
+  int64_t total = 0, span_chunks = 0;
+  for (int si = 0; si < n_spans; ++si) {
+    total += spans[si].count;
+    span_chunks += (spans[si].count + kKeyBlock - 1) / kKeyBlock;
+  }
+  // Gather across the spans only where it saves a chunk (its BLAS calls and softmax pass) and the
+  // products go to BLAS at all; otherwise every chunk is read in place.
+  if (rows > kSmallRows && (total + kKeyBlock - 1) / kKeyBlock < span_chunks) {
     for (int64_t c0 = 0; c0 < total; c0 += kKeyBlock)
       process(forward_chunk(p, spans, n_spans, c0, total, b, i0, nq, ws));
-  } else {  // decoding: the row helpers have no per-call cost to save; read each span in place
+  } else {
     for (int si = 0; si < n_spans; ++si)
       for (int64_t j0 = 0; j0 < spans[si].count; j0 += kKeyBlock)
         process(score_chunk(p, spans[si], j0, b, i0, nq, ws));
