@@ -119,8 +119,9 @@ _GPU_1B = Case("prompt", B=32, n=256, k=100, hidden=2048, layers=16, heads=32, k
                intermediate=5632, dtype="bfloat16")
 
 SUITES: Dict[str, Suite] = {
-    # 20 s of interleaved rounds per case: with 5 s the accelerated/bare ratio moved by +-5% between runs
-    # on a shared 2-core machine, with 20 s by about +-1%.
+    # 20 s of interleaved rounds per case: 5 s left the accelerated/bare ratio +-5% apart between runs on
+    # a shared 2-core machine; longer runs narrow the sampling noise, but slow phases of the machine still
+    # move the ratios by a few percent from run to run (report several runs).
     "peft-cpu": Suite("peft-cpu", "cpu", [_ACCEPTANCE_CPU, replace(_ACCEPTANCE_CPU, method="prefix")],
                       Timing(reps=20, warmup=2, min_time_s=20.0)),
     "peft-cpu-quick": Suite("peft-cpu-quick", "cpu", [Case("prompt", B=2, n=16, k=8, hidden=64, layers=2, heads=4,
