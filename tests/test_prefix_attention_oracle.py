@@ -71,3 +71,24 @@ def test_low_precision_cpu_kernel_within_torch_error(case, dtype, oracle_cache):
         ours_err = (a.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
         base_err = (b.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
         assert ours_err <= 2 * base_err + 1e-3, f"{name}: {ours_err:.3e} vs torch {base_err:.3e}"
+
+
+@pytest.mark.parametrize("case", [Case(2, 4, 2, 6, 6, 1, 3, 8, causal=False, name="blas-rows"),
+                                  Case(2, 4, 2, 1, 6, 1, 3, 8, causal=False, name="decode-rows")], ids=str)
+@pytest.mark.parametrize("where", ["key", "prefix"])
+def test_nan_input_gives_nan_where_torch_does(case, where):
+    """A NaN in a key must reach the outputs that attend to it (never silently dropped by the softmax)."""
+    import softprompt_kernels as sk
+    from helpers import make_inputs
+
+    (q, k, v, pk, pv), kwargs = make_inputs(case, requires_grad=False)
+    if where == "key":
+        k = k.clone()
+        k[0, 1, 2, 3] = float("nan")
+    else:
+        pk = pk.clone()
+        pk[0, 0, 1, 0] = float("nan")
+    expected = sk.prefix_attention(q, k, v, pk, pv, **kwargs, backend="torch")
+    got = sk.prefix_attention(q, k, v, pk, pv, **kwargs, backend="cpu")
+    assert torch.isnan(expected).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))

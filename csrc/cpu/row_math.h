@@ -36,8 +36,8 @@ SOFTPROMPT_INLINE_BODY float exp_approx(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t + kRound holds round(t) in its low mantissa bits
   float t = x * kLog2e;
-  t = t > -125.0f ? t : -125.0f;  // keeps 2^n a normal float (and -inf finite): x < -86.5 gives 0 below
-  t = t < 127.0f ? t : 127.0f;
+  t = t < -125.0f ? -125.0f : t;  // keeps 2^n a normal float (and -inf finite): x < -86.5 gives 0 below
+  t = t > 127.0f ? 127.0f : t;    // (both written so that a NaN passes through)
   const float shifted = t + kRound;
   const float n = shifted - kRound;
   const float f = t - n;
@@ -53,6 +53,7 @@ SOFTPROMPT_INLINE_BODY float exp_approx(float x) {
   p_bits += shifted_bits << 23;  // the low 9 bits of shifted hold n (two's complement): exponent += n
   float result;
   std::memcpy(&result, &p_bits, sizeof(result));
+  result = x != x ? x : result;  // NaN in, NaN out: a NaN score must not vanish from the softmax
   return x < -86.5f ? 0.0f : result;
 }
 SOFTPROMPT_INLINE_BODY float exp_of(float x) { return exp_approx(x); }
