@@ -363,7 +363,7 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
         acc_t* s = ws.s.data();
         acc_t* dp = ws.dp.data();
         scores_product<acc_t>(rows, n, D, ws.dout.data(), D, c.v, c.v_ld, dp, width);
-        // Padding columns: P = exp(-inf) = 0, so dS = 0 there (dp there is only ever 0).
+        // Padding columns (P = exp(-inf) = 0) are never read by the products below.
         softmax_grad_chunk(s, dp, rows, width, ws.lse.data(), ws.delta.data());
         // s holds P and dp holds dS (gradient of the scaled scores).
         if (want_kv) {
