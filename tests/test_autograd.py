@@ -137,3 +137,29 @@ def test_backward_op_returns_unwanted_gradients_empty(seq_grads, prefix_grads):
             torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-14)
         else:
             assert got.shape == (0,), f"gradient {index} was not asked for but has shape {tuple(got.shape)}"
+
+
+@pytest.mark.parametrize("frozen,expected_flags", [("sequence", (False, True)), ("prefix", (True, False)),
+                                                   ("nothing", (True, True))])
+def test_autograd_asks_the_cpu_backward_only_for_needed_gradients(frozen, expected_flags):
+    """The flags reach the backward op (not only the results are right: the skipped work is skipped)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class RecordBackwardCalls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.softprompt_kernels.prefix_attention_bwd.default:
+                flags = tuple(args[14:16])  # the dispatcher drops trailing arguments left at their default
+                calls.append(flags + (True, True)[len(flags):])
+            return func(*args, **(kwargs or {}))
+
+    case = GRADCHECK_CASES[0]
+    tensors, kwargs = make_inputs(case, dtype=torch.float64)
+    wanted = {"sequence": (False,) * 3 + (True,) * 2, "prefix": (True,) * 3 + (False,) * 2,
+              "nothing": (True,) * 5}[frozen]
+    inputs = [t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
+    out = sk.prefix_attention(*inputs, **kwargs, backend="cpu")
+    with RecordBackwardCalls():
+        torch.autograd.grad(out.sum(), [t for t in inputs if t.requires_grad])
+    assert calls == [expected_flags]
