@@ -189,7 +189,7 @@ def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, 
         first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), first_labels,
                                 ignore_index=-100, reduction="sum")
     # Position t predicts labels[:, t + 1]; the last position predicts nothing (-100). Shifting the
-    # labels instead of slicing the logits keeps the [B * n, V] logits a view (no copy either way).
+    # labels instead of slicing the logits keeps the [B * n, V] logits a view (the slice was copied).
     next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
     rest = F.cross_entropy(text_logits.float().reshape(-1, vocab), next_labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
