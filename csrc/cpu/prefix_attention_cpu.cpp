@@ -4,7 +4,7 @@
 //   forward : one task per (row b, kv head, block of queries); the block holds
 //             the queries of all q heads in the kv head's group, stacked as
 //             rows r = g * nq + t, so K/V chunks are loaded once per group.
-//             Key chunks run along [prefix slots; sequence keys] (forward_chunk).
+//             Key chunks may run along [prefix slots; sequence keys] (score_chunk).
 //   backward: one task per (row b, kv head); it owns dq for the group's heads
 //             and dk/dv of its row, so nothing is shared between tasks. The
 //             prefix gradient of each task goes to a per-row partial and is
@@ -174,7 +174,7 @@ struct Workspace {
   }
 };
 
-// One chunk of keys [j0, j0 + n) of a span, as acc_t rows, with its scaled and masked scores
+// n keys as acc_t rows (K and V, row strides k_ld / v_ld), their scaled and masked scores
 // written to ws.s [rows, n] (s = q_block @ K^T) with row stride `width`: n rounded up to whole
 // vectors (kLanes), the extra columns -inf, so that the softmax passes run on whole vectors only
 // (a scalar tail of exponentials per row cost as much as the vector part at n = 100).
@@ -185,34 +185,16 @@ struct KeyChunk {
   int64_t k_ld, v_ld, n, width;
 };
 
+// Chunk [c0, c0 + n) of the keys of `spans` taken as one axis (prefix slots, then sequence keys).
+// A chunk inside one span is read in place; one that straddles both is gathered into one buffer,
+// so a short prefix (k = 16 before 32 prompt tokens when serving) costs no block products of its
+// own. The forward gathers only where that saves a chunk and the products go to BLAS (more than
+// kSmallRows rows); otherwise, and in the backward (whose key gradients go to different places per
+// span), each span is passed alone.
 template <typename scalar_t>
-KeyChunk<acc_type_t<scalar_t>> score_chunk(const PrefixAttentionParams& p, const KeySpan<scalar_t>& span,
-                                           int64_t j0, int64_t b, int64_t i0, int64_t nq,
-                                           Workspace<acc_type_t<scalar_t>>& ws) {
-  using acc_t = acc_type_t<scalar_t>;
-  const int64_t D = p.head_dim, rows = (p.heads_q / p.heads_kv) * nq;
-  KeyChunk<acc_t> c;
-  c.n = std::min(kKeyBlock, span.count - j0);
-  c.width = (c.n + kLanes - 1) / kLanes * kLanes;
-  c.k = rows_as_acc(span.k + j0 * span.k_ld, span.k_ld, c.n, D, ws.kbuf.data(), &c.k_ld);
-  c.v = rows_as_acc(span.v + j0 * span.v_ld, span.v_ld, c.n, D, ws.vbuf.data(), &c.v_ld);
-  acc_t* s = ws.s.data();
-  scores_product<acc_t>(rows, c.n, D, ws.q.data(), D, c.k, c.k_ld, s, c.width);
-  if (c.width > c.n)
-    for (int64_t r = 0; r < rows; ++r) std::fill(s + r * c.width + c.n, s + (r + 1) * c.width, neg_inf<acc_t>());
-  if (!span.is_prefix) mask_sequence_scores(p, b, i0, nq, j0, c.n, c.width, s);
-  return c;
-}
-
-// Forward chunks run along the combined key axis [prefix slots; sequence keys] of a row: a chunk
-// that straddles the two spans is gathered into one buffer, so a short prefix (k = 16 before 32
-// prompt tokens when serving) costs no block products of its own; a chunk inside one span is read
-// in place. Used where that saves a chunk and the block products go to BLAS (more than kSmallRows
-// rows); the backward keeps per-span chunks (its key gradients go to different places).
-template <typename scalar_t>
-KeyChunk<acc_type_t<scalar_t>> forward_chunk(const PrefixAttentionParams& p, const KeySpan<scalar_t>* spans,
-                                             int n_spans, int64_t c0, int64_t total, int64_t b, int64_t i0,
-                                             int64_t nq, Workspace<acc_type_t<scalar_t>>& ws) {
+KeyChunk<acc_type_t<scalar_t>> score_chunk(const PrefixAttentionParams& p, const KeySpan<scalar_t>* spans,
+                                           int n_spans, int64_t c0, int64_t total, int64_t b, int64_t i0,
+                                           int64_t nq, Workspace<acc_type_t<scalar_t>>& ws) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = p.head_dim, rows = (p.heads_q / p.heads_kv) * nq;
   struct Part {
@@ -290,11 +272,11 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
   // products go to BLAS at all; otherwise every chunk is read in place.
   if (rows > kSmallRows && (total + kKeyBlock - 1) / kKeyBlock < span_chunks) {
     for (int64_t c0 = 0; c0 < total; c0 += kKeyBlock)
-      process(forward_chunk(p, spans, n_spans, c0, total, b, i0, nq, ws));
+      process(score_chunk(p, spans, n_spans, c0, total, b, i0, nq, ws));
   } else {
     for (int si = 0; si < n_spans; ++si)
       for (int64_t j0 = 0; j0 < spans[si].count; j0 += kKeyBlock)
-        process(score_chunk(p, spans[si], j0, b, i0, nq, ws));
+        process(score_chunk(p, &spans[si], 1, j0, spans[si].count, b, i0, nq, ws));
   }
 
   auto* out = static_cast<scalar_t*>(p.out);
@@ -358,7 +340,7 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
       acc_t* dk_span = span.is_prefix ? prefix_dk : ws.dk.data();
       acc_t* dv_span = span.is_prefix ? prefix_dv : ws.dv.data();
       for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
-        const KeyChunk<acc_t> c = score_chunk(p, span, j0, b, i0, nq, ws);
+        const KeyChunk<acc_t> c = score_chunk(p, &span, 1, j0, span.count, b, i0, nq, ws);
         const int64_t n = c.n, width = c.width;
         acc_t* s = ws.s.data();
         acc_t* dp = ws.dp.data();
