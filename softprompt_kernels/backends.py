@@ -64,10 +64,15 @@ class CppCpuBackend(Backend):
         return reasons
 
     def run(self, inputs, return_lse):
-        out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(
-            inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids,
-            inputs.prefix_lens, inputs.key_padding_mask, inputs.causal, inputs.scale)
-        return out, (lse if return_lse else None)
+        return run_extension_op(inputs, return_lse)
+
+
+def run_extension_op(inputs: PrefixAttentionInputs, return_lse: bool):
+    """The C++ extension's op (its CPU or CUDA kernel, chosen by the dispatcher from the device)."""
+    out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(
+        inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids,
+        inputs.prefix_lens, inputs.key_padding_mask, inputs.causal, inputs.scale)
+    return out, (lse if return_lse else None)
 
 
 _BACKENDS: Dict[str, Backend] = {}

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import _ops
-from .backends import Backend, register_backend
+from .backends import Backend, register_backend, run_extension_op
 
 DECODE_MAX_QUERIES = 16  # kDecodeMaxQueries in csrc/cuda/decode_params.h
 HEAD_DIMS = (64, 128, 256)
@@ -60,10 +60,7 @@ class CudaBackend(Backend):
         return None
 
     def run(self, inputs, return_lse):
-        out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(
-            inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids,
-            inputs.prefix_lens, inputs.key_padding_mask, inputs.causal, inputs.scale)
-        return out, (lse if return_lse else None)
+        return run_extension_op(inputs, return_lse)
 
 
 register_backend(CudaBackend(), auto_order={"cuda": 0})
