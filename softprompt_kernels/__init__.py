@@ -1,35 +1,32 @@
 """softprompt-kernels: fused kernels and PyTorch ops for soft-prompt methods over frozen models."""
 from ._validation import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError
+from ._version import __version__
 from .attention import not_supported_reasons, prefix_attention, resolve_backend
+from .backends import PRIORITY, PerformanceWarning, available_backends, backend_status
 from .insertion import insert_prompt
-from .backends import PerformanceWarning, available_backends, backend_status
-from .triton.op import prefix_grad_mode, set_prefix_grad_mode  # registers the triton backend
-from . import cuda_backend as _cuda_backend  # noqa: F401  (registers the cuda backend)
+from .triton.op import prefix_grad_mode, set_prefix_grad_mode
+
+# Loaded on first use: the Hugging Face layer imports transformers and PEFT.
+_LAZY = {"hf": None, "PromptBank": "serving", "AdapterError": "serving", "accelerate": "hf", "restore": "hf",
+         "is_accelerated": "hf", "AccelerationError": "hf"}
 
 
 def __getattr__(name):
-    # The Hugging Face integration imports transformers: load it on first use only.
-    if name == "hf":
-        import importlib
+    import importlib
 
-        return importlib.import_module(".hf", __name__)
-    if name in ("PromptBank", "AdapterError"):
-        from . import serving
+    if name not in _LAZY:
+        raise AttributeError(f"module 'softprompt_kernels' has no attribute {name!r}")
+    if _LAZY[name] is None:
+        return importlib.import_module(f".{name}", __name__)
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
-        return getattr(serving, name)
-    if name in ("accelerate", "restore", "is_accelerated", "AccelerationError"):
-        from . import hf
-
-        return getattr(hf, name)
-    raise AttributeError(f"module 'softprompt_kernels' has no attribute {name!r}")
-
-__version__ = "0.1.0"
 
 __all__ = [
     "prefix_attention",
     "insert_prompt",
     "available_backends",
     "backend_status",
+    "PRIORITY",
     "set_prefix_grad_mode",
     "prefix_grad_mode",
     "resolve_backend",

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from . import _ops
+from ._common import accumulation_dtype
 
 FWD = "softprompt_kernels::insert_prompt_fwd"
 BWD = "softprompt_kernels::insert_prompt_bwd"
@@ -44,10 +45,6 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     if device_type not in _STATUS:
         return f"no fused insertion kernel for device type {device_type!r}"
     return _STATUS[device_type]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs, output):
@@ -88,7 +85,7 @@ if _ops_loaded():
 
     @torch.library.register_fake(BWD)
     def _bwd_fake(grad_out, k):
-        return grad_out.new_empty((k, grad_out.shape[2]), dtype=_acc_dtype(grad_out.dtype))
+        return grad_out.new_empty((k, grad_out.shape[2]), dtype=accumulation_dtype(grad_out.dtype))
 
     torch.library.register_autograd(FWD, _backward, setup_context=_setup_context)
     torch.library.register_autograd(BWD, _bwd_backward, setup_context=_bwd_setup_context)  # double backward

@@ -6,7 +6,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._validation import PrefixAttentionInputs, check_index_values, validate_prefix_attention_args
-from .backends import get_backend, select_backend
+from . import _ops, cuda_backend, reference  # noqa: F401  (register the torch, cpu and cuda backends)
+from .backends import check_backend_name, get_backend, select_backend
+from .triton import op as _triton_op  # noqa: F401  (registers the triton backend)
 
 
 def prefix_attention(
@@ -51,11 +53,10 @@ def prefix_attention(
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    if backend != "auto":
-        get_backend(backend)  # rejects an unknown name before anything else
+    check_backend_name(backend)
     inputs = validate_prefix_attention_args(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, causal,
                                             key_padding_mask, scale)
-    chosen = select_backend(inputs, backend)
+    chosen = select_backend("prefix_attention", inputs, backend)
     check_index_values(inputs)
     out, lse = chosen.run(inputs, return_lse)
     return (out, lse) if return_lse else out
@@ -64,7 +65,7 @@ def prefix_attention(
 def resolve_backend(q, k, v, prefix_k, prefix_v, *, backend: str = "auto", **kwargs) -> str:
     """The name of the backend ``prefix_attention`` would run these arguments on."""
     inputs: PrefixAttentionInputs = validate_prefix_attention_args(q, k, v, prefix_k, prefix_v, **kwargs)
-    return select_backend(inputs, backend).name
+    return select_backend("prefix_attention", inputs, backend).name
 
 
 def not_supported_reasons(backend: str, q, k, v, prefix_k, prefix_v, **kwargs):

@@ -1,21 +1,33 @@
-"""Backends of ``prefix_attention`` and how ``backend="auto"`` chooses among them.
+"""The one backend registry of every op, and how ``backend="auto"`` chooses.
 
-Each backend says whether this install can run it (``unavailable_reason``) and why it
-refuses given inputs (``not_supported_reasons``, as xformers does). ``auto`` walks the
-preference list for the inputs' device and takes the first backend that accepts them;
-when it ends on the pure-PyTorch path although a fused backend exists for that device,
-it warns once with the reasons, so a slow path is never taken silently.
+An op (``prefix_attention``, ``insert_prompt``) has backends; each says whether this install can
+run it (``unavailable_reason``) and why it refuses given inputs (``not_supported_reasons``, as
+xformers does). ``auto`` walks :data:`PRIORITY` for the op and the inputs' device type and takes
+the first backend that accepts the inputs. When it ends on the pure-PyTorch path although a
+faster backend is listed before it, it warns once (:class:`PerformanceWarning`) with every
+skipped backend's reasons, so a slow path is never taken silently.
+
+Backends register themselves from their own modules (``register_backend``); the order
+``auto`` tries them in is the table below, not the order modules happen to be imported in.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import torch
+from ._common import warn_once
+from ._validation import BackendNotSupportedError, InvalidArgumentError
 
-from . import _ops
-from ._validation import BackendNotSupportedError, InvalidArgumentError, PrefixAttentionInputs
-from .reference import prefix_attention_torch
+OPS = ("prefix_attention", "insert_prompt")
+
+# backend="auto": the order backends are tried in, per op and device type (fastest first).
+# cuda decode shapes (Lq <= 16) go to the CUDA kernels; prefill and training to Triton (the cuda
+# backend declines prefill under auto and refuses inputs that need gradients). Triton under its
+# CPU interpreter (TRITON_INTERPRET=1) is a correctness tool and never chosen for CPU tensors.
+PRIORITY: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "prefix_attention": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
+    "insert_prompt": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")},
+}
+FALLBACK = "torch"  # every op's reference backend: runs anywhere, never refuses valid inputs
 
 
 class PerformanceWarning(UserWarning):
@@ -23,6 +35,9 @@ class PerformanceWarning(UserWarning):
 
 
 class Backend:
+    """One way to run one op. Subclasses set ``op``, ``name``, ``description`` and ``run``."""
+
+    op: str = ""
     name: str = ""
     description: str = ""
 
@@ -30,123 +45,101 @@ class Backend:
         """None when this install can run the backend, else why not."""
         return None
 
-    def not_supported_reasons(self, inputs: PrefixAttentionInputs) -> List[str]:
+    def not_supported_reasons(self, inputs) -> List[str]:
+        """Why this backend cannot run ``inputs`` (validated arguments of its op); empty when it can."""
         reason = self.unavailable_reason()
         return [reason] if reason else []
 
-    def auto_declines(self, inputs: PrefixAttentionInputs) -> Optional[str]:
+    def auto_declines(self, inputs) -> Optional[str]:
         """Why ``auto`` should pass over this backend for inputs it can run (another is preferred)."""
         return None
 
-    def run(self, inputs: PrefixAttentionInputs, return_lse: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def run(self, inputs, *args) -> Any:
         raise NotImplementedError
 
 
-class TorchBackend(Backend):
-    name = "torch"
-    description = "pure PyTorch: expand + concatenate + SDPA, what PEFT does (baseline and oracle)"
-
-    def run(self, inputs, return_lse):
-        return prefix_attention_torch(inputs, return_lse)
-
-
-class CppCpuBackend(Backend):
-    name = "cpu"
-    description = "fused C++ kernel: no copies, online softmax, at::parallel_for (forward and backward)"
-
-    def unavailable_reason(self):
-        return _ops.EXTENSION_ERROR
-
-    def not_supported_reasons(self, inputs):
-        reasons = super().not_supported_reasons(inputs)
-        if inputs.device.type != "cpu":
-            reasons.append(f"the cpu backend needs CPU tensors, got {inputs.device}")
-        return reasons
-
-    def run(self, inputs, return_lse):
-        return run_extension_op(inputs, return_lse)
+def needs_device(backend: Backend, inputs, device_type: str) -> List[str]:
+    """The reason list of a backend that runs only on ``device_type`` tensors."""
+    if inputs.device.type != device_type:
+        return [f"the {backend.name} backend needs {device_type} tensors, got {inputs.device}"]
+    return []
 
 
-def run_extension_op(inputs: PrefixAttentionInputs, return_lse: bool):
-    """The C++ extension's op (its CPU or CUDA kernel, chosen by the dispatcher from the device)."""
-    out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(
-        inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids,
-        inputs.prefix_lens, inputs.key_padding_mask, inputs.causal, inputs.scale)
-    return out, (lse if return_lse else None)
+_BACKENDS: Dict[str, Dict[str, Backend]] = {op: {} for op in OPS}
 
 
-_BACKENDS: Dict[str, Backend] = {}
-# Preference order per device type for backend="auto" (fastest first).
-_AUTO_ORDER: Dict[str, List[str]] = {"cpu": ["cpu", "torch"], "cuda": ["torch"]}
+def register_backend(backend: Backend) -> None:
+    if backend.op not in _BACKENDS:
+        raise ValueError(f"unknown op {backend.op!r}; ops are {list(OPS)}")
+    _BACKENDS[backend.op][backend.name] = backend
 
 
-def register_backend(backend: Backend, auto_order: Optional[Dict[str, int]] = None) -> None:
-    """Adds a backend; ``auto_order`` maps device type -> position in that device's preference list."""
-    _BACKENDS[backend.name] = backend
-    for device_type, position in (auto_order or {}).items():
-        order = _AUTO_ORDER.setdefault(device_type, ["torch"])
-        if backend.name not in order:
-            order.insert(position, backend.name)
+def backend_names(op: str = "prefix_attention") -> List[str]:
+    """The backends of ``op``: the reference first, the others by name (whatever the import order)."""
+    return sorted(_registry(op), key=lambda name: (name != FALLBACK, name))
 
 
-register_backend(TorchBackend())
-register_backend(CppCpuBackend())
+def _registry(op: str) -> Dict[str, Backend]:
+    if op not in _BACKENDS:
+        raise InvalidArgumentError(f"op must be one of {list(OPS)}, got {op!r}")
+    return _BACKENDS[op]
 
 
-def backend_names() -> List[str]:
-    return list(_BACKENDS)
+def get_backend(name: str, op: str = "prefix_attention") -> Backend:
+    """The backend ``name`` of ``op``; an unknown name raises InvalidArgumentError listing the known ones."""
+    registry = _registry(op)
+    if not isinstance(name, str) or name not in registry:
+        raise InvalidArgumentError(f"backend must be 'auto' or one of {backend_names(op)}, got {name!r}")
+    return registry[name]
 
 
-def get_backend(name: str) -> Backend:
-    if not isinstance(name, str) or (name != "auto" and name not in _BACKENDS):
-        raise InvalidArgumentError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
-    return _BACKENDS[name]
+def check_backend_name(name, op: str = "prefix_attention") -> None:
+    """Rejects an unknown backend name before anything else is checked."""
+    if name != "auto":
+        get_backend(name, op)
 
 
-def available_backends() -> List[str]:
-    """Names of the backends this install can run (on some device present here)."""
-    names = []
-    for name, backend in _BACKENDS.items():
-        if backend.unavailable_reason() is None:
-            names.append(name)
-    return names
+def available_backends(op: str = "prefix_attention") -> List[str]:
+    """Names of the backends of ``op`` this install can run (on some device present here)."""
+    registry = _registry(op)
+    return [name for name in backend_names(op) if registry[name].unavailable_reason() is None]
 
 
-def backend_status() -> Dict[str, Optional[str]]:
-    """Every backend with None (usable here) or the reason this install cannot run it."""
-    return {name: backend.unavailable_reason() for name, backend in _BACKENDS.items()}
+def backend_status(op: str = "prefix_attention") -> Dict[str, Optional[str]]:
+    """Every backend of ``op`` with None (usable here) or the reason this install cannot run it."""
+    registry = _registry(op)
+    return {name: registry[name].unavailable_reason() for name in backend_names(op)}
 
 
-_warned: set = set()
+def select_backend(op: str, inputs, requested: str = "auto") -> Backend:
+    """The backend that will run ``inputs`` (validated arguments of ``op``, with a ``device``).
 
-
-def select_backend(inputs: PrefixAttentionInputs, requested: str = "auto") -> Backend:
-    """The backend that will run ``inputs``; raises BackendNotSupportedError with reasons."""
+    A named backend that refuses raises BackendNotSupportedError with its reasons; ``auto`` takes
+    the first backend of :data:`PRIORITY` that accepts the inputs."""
     if requested != "auto":
-        backend = get_backend(requested)
+        backend = get_backend(requested, op)
         reasons = backend.not_supported_reasons(inputs)
         if reasons:
-            raise BackendNotSupportedError(
-                f"backend={requested!r} cannot run these inputs: " + "; ".join(reasons))
+            raise BackendNotSupportedError(f"backend={requested!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
-    refused = {}
-    for name in _AUTO_ORDER.get(inputs.device.type, ["torch"]):
-        reasons = _BACKENDS[name].not_supported_reasons(inputs)
-        if not reasons and _BACKENDS[name].auto_declines(inputs):
-            continue  # runnable, but another backend is preferred for these shapes: not a fallback
-        if not reasons:
-            if name == "torch" and refused:
-                _warn_fallback(inputs.device.type, refused)
-            return _BACKENDS[name]
-        refused[name] = reasons
-    raise BackendNotSupportedError(f"no backend can run these inputs: {refused}")
-
-
-def _warn_fallback(device_type: str, refused: Dict[str, List[str]]) -> None:
-    key = (device_type, tuple((name, tuple(reasons)) for name, reasons in refused.items()))
-    if key in _warned or torch.compiler.is_compiling():
-        return
-    _warned.add(key)
-    detail = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in refused.items())
-    warnings.warn(f"prefix_attention on {device_type} falls back to the pure-PyTorch path ({detail})",
-                  PerformanceWarning, stacklevel=4)
+    registry = _registry(op)
+    device_type = inputs.device.type
+    refused: Dict[str, List[str]] = {}
+    for name in PRIORITY[op].get(device_type, (FALLBACK,)):
+        backend = registry.get(name)
+        if backend is None:  # its module is not part of this install
+            refused[name] = ["not registered in this install"]
+            continue
+        reasons = backend.not_supported_reasons(inputs)
+        if reasons:
+            refused[name] = reasons
+            continue
+        if backend.auto_declines(inputs):
+            continue  # runnable, but another backend is preferred for these inputs: not a fallback
+        if name == FALLBACK and refused:
+            detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in refused.items())
+            warn_once((op, device_type, detail),
+                      f"{op} on {device_type} falls back to the pure-PyTorch path ({detail})",
+                      PerformanceWarning, stacklevel=4)
+        return backend
+    raise BackendNotSupportedError(f"no backend can run these {op} inputs: {refused}")

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from . import _ops
-from .backends import Backend, register_backend, run_extension_op
+from ._ops import run_extension_op
+from .backends import Backend, needs_device, register_backend
 
 DECODE_MAX_QUERIES = 16  # kDecodeMaxQueries in csrc/cuda/decode_params.h
 HEAD_DIMS = (64, 128, 256)
@@ -26,6 +27,7 @@ def _needs_grad(inputs) -> bool:
 
 
 class CudaBackend(Backend):
+    op = "prefix_attention"
     name = "cuda"
     description = "CUDA C++ kernels, forward only: split-K decode (Lq <= 16) and tensor-core prefill"
 
@@ -40,10 +42,8 @@ class CudaBackend(Backend):
         return None
 
     def not_supported_reasons(self, inputs):
-        reasons = super().not_supported_reasons(inputs)
-        if inputs.device.type != "cuda":
-            reasons.append(f"the cuda backend needs CUDA tensors, got {inputs.device}")
-        elif torch.cuda.get_device_capability(inputs.device)[0] < 8:
+        reasons = super().not_supported_reasons(inputs) + needs_device(self, inputs, "cuda")
+        if not reasons and torch.cuda.get_device_capability(inputs.device)[0] < 8:
             reasons.append("the cuda backend needs compute capability 8.0 or newer")
         if inputs.dtype not in DTYPES:
             reasons.append(f"the cuda backend takes bfloat16 or float16, got {inputs.dtype}")
@@ -63,4 +63,4 @@ class CudaBackend(Backend):
         return run_extension_op(inputs, return_lse)
 
 
-register_backend(CudaBackend(), auto_order={"cuda": 0})
+register_backend(CudaBackend())

@@ -15,7 +15,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._common import accumulation_dtype
 from ._validation import PrefixAttentionInputs
+from .backends import Backend, register_backend
 
 
 def visibility_mask(inputs: PrefixAttentionInputs) -> torch.Tensor:
@@ -98,12 +100,8 @@ def prefix_attention_torch(
     return out.masked_fill(~sees_any, 0.0), None
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _explicit_softmax_attention(q, keys, values, mask, scale, dropout_p=0.0):
-    acc = lse_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
@@ -113,3 +111,15 @@ def _explicit_softmax_attention(q, keys, values, mask, scale, dropout_p=0.0):
         probs = F.dropout(probs, p=dropout_p)
     out = torch.matmul(probs.to(q.dtype), values)
     return out, lse
+
+
+class TorchBackend(Backend):
+    op = "prefix_attention"
+    name = "torch"
+    description = "pure PyTorch: expand + concatenate + SDPA, what PEFT does (baseline and oracle)"
+
+    def run(self, inputs, return_lse):
+        return prefix_attention_torch(inputs, return_lse)
+
+
+register_backend(TorchBackend())

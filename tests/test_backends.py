@@ -26,13 +26,13 @@ def test_not_supported_reasons_lists_why():
     meta = [torch.empty(2, 2, 3, 4, device="meta"), torch.empty(2, 2, 3, 4, device="meta"),
             torch.empty(2, 2, 3, 4, device="meta"), torch.empty(1, 2, 2, 4, device="meta"),
             torch.empty(1, 2, 2, 4, device="meta")]
-    assert sk.not_supported_reasons("cpu", *meta) == ["the cpu backend needs CPU tensors, got meta"]
+    assert sk.not_supported_reasons("cpu", *meta) == ["the cpu backend needs cpu tensors, got meta"]
     assert sk.not_supported_reasons("torch", *meta) == []
 
 
 def test_auto_warns_when_it_falls_back_to_the_torch_path(monkeypatch):
     monkeypatch.setattr(_ops, "EXTENSION_ERROR", "pretend the extension failed to load")
-    monkeypatch.setattr("softprompt_kernels.backends._warned", set())
+    monkeypatch.setattr("softprompt_kernels._common._warned", set())
     tensors, kwargs = make_inputs(Case(2, 2, 2, 3, 3, 1, 2, 4), requires_grad=False)
     with pytest.warns(sk.PerformanceWarning, match="falls back to the pure-PyTorch path .*pretend the extension"):
         out = sk.prefix_attention(*tensors, **kwargs)
@@ -48,3 +48,34 @@ def test_explicit_cpu_backend_without_extension_raises(monkeypatch):
     tensors, kwargs = make_inputs(Case(2, 2, 2, 3, 3, 1, 2, 4), requires_grad=False)
     with pytest.raises(sk.BackendNotSupportedError, match="pretend the extension failed to load"):
         sk.prefix_attention(*tensors, **kwargs, backend="cpu")
+
+
+def test_priority_table_names_registered_backends_of_each_op():
+    from softprompt_kernels import backends
+
+    for op, by_device in backends.PRIORITY.items():
+        for device_type, names in by_device.items():
+            assert names[-1] == backends.FALLBACK, (op, device_type)
+            assert set(names) <= set(backends.backend_names(op)), (op, device_type)
+        assert set(backends.backend_names(op)) <= {n for names in by_device.values() for n in names} | {"triton"}
+
+
+def test_auto_follows_the_priority_table_not_the_import_order(monkeypatch):
+    from softprompt_kernels import backends
+
+    tensors, kwargs = make_inputs(Case(2, 2, 2, 3, 3, 1, 2, 4), requires_grad=False)
+    monkeypatch.setitem(backends.PRIORITY["prefix_attention"], "cpu", ("torch", "cpu"))
+    assert sk.resolve_backend(*tensors, **kwargs) == "torch"
+
+
+def test_unknown_backend_and_op_are_named():
+    tensors, kwargs = make_inputs(Case(2, 2, 2, 3, 3, 1, 2, 4), requires_grad=False)
+    with pytest.raises(sk.InvalidArgumentError, match="backend must be 'auto' or one of"):
+        sk.prefix_attention(*tensors, **kwargs, backend="nope")
+    with pytest.raises(sk.InvalidArgumentError, match="op must be one of"):
+        sk.available_backends("nope")
+
+
+def test_each_op_lists_its_own_backends():
+    assert {"torch", "cpu"} <= set(sk.available_backends("insert_prompt"))
+    assert "triton" not in sk.backend_status("insert_prompt")

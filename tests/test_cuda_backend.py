@@ -26,7 +26,7 @@ def test_cuda_backend_is_listed_with_a_reason_when_unusable():
 
 
 def test_cpu_tensors_are_refused_naming_the_device():
-    with pytest.raises(sk.BackendNotSupportedError, match="needs CUDA tensors, got cpu"):
+    with pytest.raises(sk.BackendNotSupportedError, match="needs cuda tensors, got cpu"):
         sk.prefix_attention(*_args(), backend="cuda")
 
 
@@ -54,19 +54,20 @@ def test_auto_prefers_cuda_for_decode_and_passes_prefill_to_triton():
     prefill = validate_prefix_attention_args(*_args(Lq=17))
     assert backend.auto_declines(decode) is None
     assert "triton" in backend.auto_declines(prefill)
-    assert backends._AUTO_ORDER["cuda"][0] == "cuda"
-    assert backends._AUTO_ORDER["cuda"].index("triton") < backends._AUTO_ORDER["cuda"].index("torch")
+    order = backends.PRIORITY["prefix_attention"]["cuda"]
+    assert order[0] == "cuda" and order.index("triton") < order.index("torch")
 
 
 def test_auto_skips_a_declining_backend_without_a_fallback_warning(monkeypatch):
     class Declining(backends.Backend):
+        op = "prefix_attention"
         name = "declining-test"
 
         def auto_declines(self, inputs):
             return "another backend is preferred"
 
-    monkeypatch.setitem(backends._BACKENDS, Declining.name, Declining())
-    monkeypatch.setitem(backends._AUTO_ORDER, "cpu", [Declining.name, "cpu", "torch"])
+    monkeypatch.setitem(backends._BACKENDS["prefix_attention"], Declining.name, Declining())
+    monkeypatch.setitem(backends.PRIORITY["prefix_attention"], "cpu", (Declining.name, "cpu", "torch"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sk.resolve_backend(*_args(dtype=torch.float32)) == "cpu"

@@ -1,5 +1,5 @@
 """insert_prompt on the CPU: the torch reference and the fused cpu kernel against an independent float64 oracle,
-gradients, opcheck, torch.compile, determinism, and one test per rejection (each naming the argument)."""
+gradients, torch.compile (opcheck: test_opcheck.py), determinism, and one test per rejection (each naming the argument)."""
 import warnings
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 import softprompt_kernels as sk
 from softprompt_kernels import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError, PerformanceWarning
-from softprompt_kernels import _insertion_ops, insertion
+from softprompt_kernels import _insertion_ops, backends
 
 CPU_FUSED = _insertion_ops.unavailable_reason("cpu")
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(CPU_FUSED is not None, reason=str(CPU_FUSED)))]
@@ -135,9 +135,9 @@ def test_auto_uses_the_fused_cpu_kernel_without_warning():
 
 def test_auto_warns_when_the_fused_kernel_refuses(monkeypatch):
     ids, weight, prompt = make()
-    monkeypatch.setattr(insertion, "not_supported_reasons", lambda backend, w: ["refused for the test"])
-    monkeypatch.setattr(_insertion_ops, "unavailable_reason", lambda device_type: None)
-    insertion._warned.clear()
+    cpu = backends.get_backend("cpu", "insert_prompt")
+    monkeypatch.setattr(cpu, "not_supported_reasons", lambda inputs: ["refused for the test"])
+    monkeypatch.setattr("softprompt_kernels._common._warned", set())
     with pytest.warns(PerformanceWarning, match="refused for the test"):
         out = sk.insert_prompt(ids, weight, prompt)
     assert torch.equal(out, oracle(ids, weight, prompt).float())
@@ -158,23 +158,6 @@ def test_backward_is_deterministic_across_thread_counts():
     assert torch.equal(results[0], results[1])
     assert results[0].dtype == torch.float32
     torch.testing.assert_close(results[0].double(), grad_out[:, :9].double().sum(0), rtol=1e-6, atol=1e-5)
-
-
-@pytest.mark.skipif(CPU_FUSED is not None, reason=str(CPU_FUSED))
-@pytest.mark.parametrize("case", [dict(), dict(k=0), dict(n=0), dict(B=1, prompt_dtype=torch.float64)], ids=str)
-def test_opcheck_forward_op(case):
-    ids, weight, prompt = make(**case)
-    torch.library.opcheck(OPS.insert_prompt_fwd.default, (ids, weight, prompt))
-    torch.library.opcheck(OPS.insert_prompt_fwd.default,
-                          (ids.int(), weight.requires_grad_(), prompt.requires_grad_()))
-
-
-@pytest.mark.skipif(CPU_FUSED is not None, reason=str(CPU_FUSED))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_opcheck_backward_op(dtype):
-    grad_out = torch.randn(3, 9, 8, dtype=dtype)
-    torch.library.opcheck(OPS.insert_prompt_bwd.default, (grad_out, 4))
-    torch.library.opcheck(OPS.insert_prompt_bwd.default, (grad_out.transpose(0, 1)[:, :3].transpose(0, 1), 2))
 
 
 @pytest.mark.skipif(CPU_FUSED is not None, reason=str(CPU_FUSED))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._autograd import prefix_attention_autograd
+from .._ops import backward_fake, forward_fake
 from ..backends import Backend, register_backend
 from .common import FP32_HEAD_BLOCKS, TRITON_IMPORT_ERROR, head_block, interpreting
 
@@ -80,11 +81,13 @@ if TRITON_IMPORT_ERROR is None:
         return list(grads)
 
     if interpreting():  # custom_op needs fake kernels; triton_op derives them by tracing
-        @triton_prefix_attention_fwd.register_fake
-        def _(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale):
-            B, Hq, Lq, D = q.shape
-            out = q.new_empty((B, Lq, Hq, D)).transpose(1, 2)
-            return out, q.new_empty((B, Hq, Lq), dtype=torch.float32)
+        triton_prefix_attention_fwd.register_fake(forward_fake)
+
+        @triton_prefix_attention_bwd.register_fake
+        def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse,
+              causal, scale, deterministic, seq_grads=True, prefix_grads=True):
+            return list(backward_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
+                                      key_padding_mask, out, lse, causal, scale, seq_grads, prefix_grads))
 
     _backward, _setup_context = prefix_attention_autograd(
         torch.ops.softprompt_kernels.triton_prefix_attention_bwd, extra_args=lambda: (_deterministic(),),
@@ -93,6 +96,7 @@ if TRITON_IMPORT_ERROR is None:
 
 
 class TritonBackend(Backend):
+    op = "prefix_attention"
     name = "triton"
     description = "Triton kernels (FlashAttention-2 style) for CUDA GPUs: forward and backward, the training path"
 
@@ -128,4 +132,4 @@ class TritonBackend(Backend):
         return out, (lse if return_lse else None)
 
 
-register_backend(TritonBackend(), auto_order={"cuda": 0})
+register_backend(TritonBackend())
