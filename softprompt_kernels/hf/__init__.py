@@ -1,8 +1,17 @@
-"""Hugging Face integration: softprompt attention in transformers models, PEFT acceleration."""
-from .accelerate import AccelerationError, accelerate, is_accelerated, restore
-from .checkpoints import load_trainable, save_trainable
-from .attention import ATTENTION_NAME, SoftPromptContext, register, use_softprompt_attention
-from .families import FAMILIES, UnsupportedModelError, family_of
+"""Hugging Face integration: softprompt attention in transformers models, PEFT acceleration.
 
-__all__ = ["accelerate", "restore", "save_trainable", "load_trainable", "is_accelerated", "AccelerationError", "SoftPromptContext", "register",
-           "use_softprompt_attention", "ATTENTION_NAME", "FAMILIES", "UnsupportedModelError", "family_of"]
+Importing it checks once that torch, transformers, PEFT and triton are within the tested ranges
+(softprompt_kernels/versions.py): a warning names any version outside them.
+"""
+from ..versions import check_tested_versions
+
+check_tested_versions()
+
+from .accelerate import AccelerationError, accelerate, is_accelerated, restore  # noqa: E402
+from .attention import ATTENTION_NAME, SoftPromptContext, register, use_softprompt_attention  # noqa: E402
+from .checkpoints import load_trainable, save_trainable  # noqa: E402
+from .families import FAMILIES, UnsupportedModelError, family_of  # noqa: E402
+
+__all__ = ["accelerate", "restore", "save_trainable", "load_trainable", "is_accelerated", "AccelerationError",
+           "SoftPromptContext", "register", "use_softprompt_attention", "ATTENTION_NAME", "FAMILIES",
+           "UnsupportedModelError", "family_of"]

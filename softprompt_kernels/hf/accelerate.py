@@ -4,7 +4,7 @@ The PEFT model keeps its modules and parameter objects (optimizers made before k
 ``save_pretrained``/``from_pretrained`` are untouched); its ``forward`` and ``generate`` are replaced
 on the instance and its base model switches to softprompt attention. ``restore`` undoes all three.
 
-Causal decoders (DESIGN.md section 3, exact):
+Causal decoders (docs/DESIGN.md section 3, exact):
 - PREFIX_TUNING: each layer's prefix goes straight into ``prefix_attention``; never expanded over the
   batch, never concatenated, never in the KV cache.
 - PROMPT_TUNING / P_TUNING: the prompt runs once per call through the frozen model (batch 1); its
@@ -14,14 +14,16 @@ Text positions start at k (PEFT's convention); ``logits`` cover the text positio
 from __future__ import annotations
 
 import warnings
+
 import torch
 import torch.nn.functional as F
 
 from ..insertion import insert_prompt
+from . import _compat
 from .attention import use_softprompt_attention
 from .families import family_of
 from .multi_prompt import build_bank
-from .prompts import cache_argument, context_for, peft_type_name, prefix_tuning_layers, prompt_embeddings, run_prompt_once
+from .prompts import context_for, prefix_tuning_layers, prompt_embeddings, run_prompt_once
 
 SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 DECODER_TASKS = ("CAUSAL_LM",)
@@ -37,16 +39,16 @@ def accelerate(peft_model):
     """Accelerates a PEFT prompt-learning model in place and returns it."""
     if getattr(peft_model, _STATE, None) is not None:
         return peft_model
-    config = getattr(peft_model, "active_peft_config", None)
+    config = _compat.active_config(peft_model)
     if config is None or not getattr(config, "is_prompt_learning", False):
         raise AccelerationError("accelerate() takes a PEFT model whose active adapter is PROMPT_TUNING, P_TUNING or "
                                 f"PREFIX_TUNING; got {type(peft_model).__name__}")
-    method = peft_type_name(config)
+    method = _compat.peft_type_name(config)
     if method not in SUPPORTED_METHODS:
         raise AccelerationError(f"peft_type {method} is not supported; supported: {list(SUPPORTED_METHODS)}")
     model = peft_model.get_base_model()
     family = family_of(model.config)
-    task = getattr(config.task_type, "value", config.task_type)
+    task = _compat.task_type_name(config)
     tasks = DECODER_TASKS if family.causal else ENCODER_TASKS
     if task not in tasks:
         kind = "causal decoders" if family.causal else "encoders"
@@ -69,7 +71,7 @@ def restore(peft_model):
         return peft_model
     for name in ("forward", "generate"):
         peft_model.__dict__.pop(name, None)
-    peft_model.get_base_model().set_attn_implementation(state["attention"])
+    _compat.set_attention_implementation(peft_model.get_base_model(), state["attention"])
     delattr(peft_model, _STATE)
     return peft_model
 
@@ -79,12 +81,6 @@ def is_accelerated(peft_model) -> bool:
 
 
 # --- positions and cache arguments
-
-
-def _pop_cache(kwargs):
-    cache = kwargs.pop("cache", None)
-    legacy = kwargs.pop("past_key_values", None)
-    return cache if cache is not None else legacy
 
 
 def _text_positions(family, k: int, batch: int, length: int, past: int, attention_mask, device, model=None):
@@ -126,16 +122,16 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         bank = build_bank(self, model, adapter_names, batch, device, want_logits=False)
         k, context = bank.row_lengths, bank.context
     else:
-        k = self.active_peft_config.num_virtual_tokens
+        k = _compat.active_config(self).num_virtual_tokens
         context = context_for(prefix_tuning_layers(self), k)
-    cache = _pop_cache(kwargs)
+    cache = _compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     if position_ids is None:
         position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
     else:
         position_ids = position_ids + (k[:, None] if isinstance(k, torch.Tensor) else k)  # PEFT's offset
     if cache is not None:
-        kwargs[cache_argument(model)] = cache
+        kwargs[_compat.cache_argument(model)] = cache
     return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                  position_ids=position_ids, output_attentions=output_attentions,
                  output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
@@ -155,14 +151,14 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         k, context, first_logits = bank.row_lengths, bank.context, bank.first_logits
         has_prompt = bank.row_lengths > 0
     else:
-        k = self.active_peft_config.num_virtual_tokens
+        k = _compat.active_config(self).num_virtual_tokens
         prompt_pass = run_prompt_once(model, prompt_embeddings(self, model), want_logits=labels is not None)
         context, first_logits = context_for(prompt_pass.layers, k), prompt_pass.last_logits
-    cache = _pop_cache(kwargs)
+    cache = _compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
     if cache is not None:
-        kwargs[cache_argument(model)] = cache
+        kwargs[_compat.cache_argument(model)] = cache
     num_items = kwargs.pop("num_items_in_batch", None)
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 position_ids=position_ids, output_attentions=output_attentions,
@@ -204,7 +200,7 @@ def _encoder_prefix_forward(self, input_ids=None, attention_mask=None, inputs_em
                             output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
                             position_ids=None, **kwargs):
     """P-Tuning v2 on an encoder: every layer's prefix into non-causal prefix_attention."""
-    config = self.active_peft_config
+    config = _compat.active_config(self)
     model = self.get_base_model()
     k = config.num_virtual_tokens
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
@@ -225,7 +221,7 @@ def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_em
 
     Token classification returns logits for the text tokens only, so that labels [B, n] line up.
     """
-    config = self.active_peft_config
+    config = _compat.active_config(self)
     model = self.get_base_model()
     k = config.num_virtual_tokens
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
@@ -242,8 +238,7 @@ def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_em
         attention_mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
     if token_type_ids is not None:
         token_type_ids = torch.cat([token_type_ids.new_zeros(batch, k), token_type_ids], dim=1)
-    task = getattr(config.task_type, "value", config.task_type)
-    per_token = task == "TOKEN_CLS"
+    per_token = _compat.task_type_name(config) == "TOKEN_CLS"
     out = model(inputs_embeds=inputs, attention_mask=attention_mask, token_type_ids=token_type_ids,
                 labels=None if per_token else labels, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
@@ -264,31 +259,29 @@ def _generate(self, *gen_args, **gen_kwargs):
     Positions follow the accelerated forward (text from k), so greedy decoding with a cache gives the
     tokens of a greedy loop over the forward itself.
     """
-    config = self.active_peft_config
+    config = _compat.active_config(self)
     model = self.get_base_model()
     family = family_of(model.config)
     k = config.num_virtual_tokens
     gen_kwargs.pop("task_ids", None)
     with torch.no_grad():
-        if peft_type_name(config) == "PREFIX_TUNING":
+        if _compat.peft_type_name(config) == "PREFIX_TUNING":
             layers = prefix_tuning_layers(self)
         else:
             layers = run_prompt_once(model, prompt_embeddings(self, model), want_logits=False).layers
     context = context_for(layers, k)
-    original = model.prepare_inputs_for_generation
 
-    def prepare_inputs(*args, **kwargs):  # named so: generate() validates its kwargs by this signature
-        inputs = original(*args, **kwargs)
-        x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-        cache = inputs.get("cache", inputs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None else 0
-        inputs["position_ids"] = _text_positions(family, k, x.shape[0], x.shape[1], past,
-                                                 inputs.get("attention_mask"), x.device)
-        inputs["softprompt_context"] = context
-        return inputs
+    def wrap(original):
+        def prepare_inputs(*args, **kwargs):
+            inputs = original(*args, **kwargs)
+            x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            cache = _compat.cache_of(inputs)
+            past = cache.get_seq_length() if cache is not None else 0
+            inputs["position_ids"] = _text_positions(family, k, x.shape[0], x.shape[1], past,
+                                                     inputs.get("attention_mask"), x.device)
+            inputs["softprompt_context"] = context
+            return inputs
+        return prepare_inputs
 
-    model.prepare_inputs_for_generation = prepare_inputs
-    try:
+    with _compat.patched_prepare_inputs(model, wrap):
         return model.generate(*gen_args, **gen_kwargs)
-    finally:
-        del model.prepare_inputs_for_generation

@@ -12,15 +12,16 @@ layer finds its own prefix there (``module.layer_idx``) without global state.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .._common import warn_once
+from .._validation import validate_prefix_attention_args
 from ..attention import prefix_attention
 from ..reference import prefix_attention_torch
-from .._validation import validate_prefix_attention_args
+from . import _compat
 
 ATTENTION_NAME = "softprompt"
 
@@ -51,15 +52,6 @@ class SoftPromptContext:
         return self.layer_prefixes[layer_idx]
 
 
-_warned = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
-
-
 def softprompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                          scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                          softprompt_context: Optional[SoftPromptContext] = None,
@@ -68,7 +60,7 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("softprompt attention does not support attention logit soft-capping (softcap)")
     if kwargs.get("output_attentions", False):
-        _warn_once("output_attentions", "softprompt attention never materialises attention weights: "
+        warn_once("output_attentions", "softprompt attention never materialises attention weights: "
                                         "output_attentions returns None for them")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("softprompt attention takes a 2D key padding mask [B, Lk]; got a "
@@ -94,7 +86,7 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     mask = attention_mask.bool() if attention_mask is not None else None
     if dropout > 0.0:
         # The fused kernels have no attention dropout: train with dropout on the (exact) PyTorch path.
-        _warn_once("dropout", "attention dropout > 0: softprompt attention runs the PyTorch path for it "
+        warn_once("dropout", "attention dropout > 0: softprompt attention runs the PyTorch path for it "
                               "(the fused kernels have no dropout; set attention dropout to 0 for speed)")
         inputs = validate_prefix_attention_args(query, key, value, prefix_k, prefix_v, prompt_ids, prefix_lens,
                                                 causal, mask, scaling)
@@ -129,16 +121,12 @@ def softprompt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
 
 def register() -> None:
     """Makes ``attn_implementation="softprompt"`` known to transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION_NAME, softprompt_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, softprompt_mask)
+    _compat.register_attention(ATTENTION_NAME, softprompt_attention, softprompt_mask)
 
 
 def use_softprompt_attention(model) -> str:
     """Switches a transformers model to softprompt attention; returns the implementation it had."""
     register()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    previous = _compat.attention_implementation(model)
+    _compat.set_attention_implementation(model, ATTENTION_NAME)
     return previous

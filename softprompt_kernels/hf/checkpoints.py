@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from . import _compat
+
 ENCODER_FILE = "softprompt_encoder.safetensors"
 
 
@@ -22,7 +24,7 @@ def save_trainable(peft_model, directory: str) -> None:
     from safetensors.torch import save_file
 
     peft_model.save_pretrained(directory)
-    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+    encoder = _compat.prompt_encoder(peft_model)
     state = {name: tensor.detach().contiguous() for name, tensor in encoder.state_dict().items()}
     save_file(state, os.path.join(directory, ENCODER_FILE))
 
@@ -37,13 +39,14 @@ def load_trainable(base_model, directory: str, adapter_name: str = "default"):
         raise FileNotFoundError(f"no adapter_config.json in {directory!r}")
     config = PeftConfig.from_pretrained(directory)
     if not config.is_prompt_learning:
-        raise ValueError(f"{directory!r} holds a {config.peft_type} adapter, not a prompt-learning one")
+        raise ValueError(f"{directory!r} holds a {_compat.peft_type_name(config)} adapter, not a prompt-learning one")
     config.inference_mode = False
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    encoder = model.prompt_encoder[adapter_name]
+    encoder = _compat.prompt_encoder(model, adapter_name)
+    weight = _compat.prompt_encoder_weight(encoder)
     encoder_path = os.path.join(directory, ENCODER_FILE)
     if os.path.isfile(encoder_path):
-        encoder.load_state_dict(load_file(encoder_path, device=str(encoder.embedding.weight.device)))
+        encoder.load_state_dict(load_file(encoder_path, device=str(weight.device)))
         return model
     weights_path = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.isfile(weights_path):
@@ -52,16 +55,16 @@ def load_trainable(base_model, directory: str, adapter_name: str = "default"):
     if "prompt_embeddings" not in saved:
         raise ValueError(f"{weights_path} has no 'prompt_embeddings' tensor (keys: {sorted(saved)})")
     embeddings = saved["prompt_embeddings"]
-    method = getattr(config.peft_type, "value", str(config.peft_type))
+    method = _compat.peft_type_name(config)
     if getattr(config, "prefix_projection", False) or method == "P_TUNING":
         raise ValueError(
             f"{directory!r} holds only the output of a {method} encoder, not the encoder: resuming it "
             "exactly needs a checkpoint written by softprompt_kernels.hf.save_trainable")
-    if tuple(embeddings.shape) != tuple(encoder.embedding.weight.shape):
+    if tuple(embeddings.shape) != tuple(weight.shape):
         raise ValueError(f"prompt_embeddings has shape {tuple(embeddings.shape)}, the model expects "
-                         f"{tuple(encoder.embedding.weight.shape)} (an adapter made for another model?)")
+                         f"{tuple(weight.shape)} (an adapter made for another model?)")
     with torch.no_grad():
-        encoder.embedding.weight.copy_(embeddings.to(encoder.embedding.weight))
+        weight.copy_(embeddings.to(weight))
     if len(saved) > 1:
         warnings.warn(f"ignoring tensors other than prompt_embeddings in {weights_path}: {sorted(saved)}")
     return model

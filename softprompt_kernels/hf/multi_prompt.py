@@ -16,12 +16,15 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _compat
 from .attention import SoftPromptContext
-from .prompts import peft_type_name, prefix_tuning_layers, prompt_embeddings, run_prompt_once
+from .prompts import prefix_tuning_layers, prompt_embeddings, run_prompt_once
 
 
 @dataclass
-class PromptBank:
+class BatchPrefixes:
+    """The prefixes of one multi-adapter forward call (not to be confused with serving's PromptBank)."""
+
     context: SoftPromptContext
     row_lengths: torch.Tensor             # [B] prompt length of each row (0 without a prompt)
     first_logits: Optional[torch.Tensor]  # [B, vocab] the last prompt position's logits per row (prompt methods)
@@ -32,22 +35,25 @@ def check_adapter_names(peft_model, adapter_names: Sequence[Optional[str]], batc
     if len(adapter_names) != batch:
         raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
     distinct = [name for name in dict.fromkeys(adapter_names) if name is not None]
-    unknown = [name for name in distinct if name not in peft_model.peft_config]
+    known = _compat.adapter_names(peft_model)
+    unknown = [name for name in distinct if name not in known]
     if unknown:
-        raise ValueError(f"unknown adapters {unknown}; this model has {sorted(peft_model.peft_config)}")
-    kinds = {peft_type_name(peft_model.peft_config[name]) for name in distinct}
+        raise ValueError(f"unknown adapters {unknown}; this model has {sorted(known)}")
+    kinds = {_compat.peft_type_name(_compat.adapter_config(peft_model, name)) for name in distinct}
     if len(kinds) > 1:
         raise ValueError(f"adapters of one batch must be of one kind, got {sorted(kinds)}")
     return distinct
 
 
 def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch: int, device,
-               want_logits: bool) -> PromptBank:
+               want_logits: bool) -> BatchPrefixes:
     distinct = check_adapter_names(peft_model, adapter_names, batch)
     index = {name: i for i, name in enumerate(distinct)}
     prompt_ids = torch.tensor([index[name] if name is not None else -1 for name in adapter_names], device=device)
-    lengths = torch.tensor([peft_model.peft_config[name].num_virtual_tokens for name in distinct], device=device)
-    prefix_method = bool(distinct) and peft_type_name(peft_model.peft_config[distinct[0]]) == "PREFIX_TUNING"
+    lengths = torch.tensor([_compat.adapter_config(peft_model, name).num_virtual_tokens for name in distinct],
+                           device=device)
+    kind = _compat.peft_type_name(_compat.adapter_config(peft_model, distinct[0])) if distinct else None
+    prefix_method = kind == "PREFIX_TUNING"
     first = None
     if prefix_method:
         per_adapter = [prefix_tuning_layers(peft_model, name) for name in distinct]
@@ -57,14 +63,14 @@ def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch:
         per_adapter = [p.layers for p in passes]
         if want_logits and distinct:
             first = torch.cat([p.last_logits for p in passes])[prompt_ids.clamp(min=0)]
-    num_layers = model.config.get_text_config().num_hidden_layers
+    num_layers = _compat.text_config(model).num_hidden_layers
     width = int(lengths.max()) if distinct else 0
     layers = [(_stack([a[i][0] for a in per_adapter], width), _stack([a[i][1] for a in per_adapter], width))
               for i in range(num_layers)] if distinct else [_empty_prefix(model, device)] * num_layers
     row_lengths = torch.where(prompt_ids >= 0, lengths[prompt_ids.clamp(min=0)] if distinct else 0, 0)
     context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids, prefix_lens=lengths if distinct else
                                 None, num_prefix_positions=width)
-    return PromptBank(context, row_lengths, first)
+    return BatchPrefixes(context, row_lengths, first)
 
 
 def _stack(prefixes, width: int) -> torch.Tensor:
@@ -73,7 +79,7 @@ def _stack(prefixes, width: int) -> torch.Tensor:
 
 
 def _empty_prefix(model, device):
-    config = model.config.get_text_config()
+    config = _compat.text_config(model)
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     empty = torch.zeros((0, heads, 0, head_dim), device=device, dtype=model.dtype)

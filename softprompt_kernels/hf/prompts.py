@@ -2,46 +2,39 @@
 
 - Prefix tuning / P-Tuning v2: the prompt encoder's output ``[k, layers * 2 * Hkv * D]`` is viewed
   as each layer's ``(prefix_k, prefix_v)`` ``[1, Hkv, k, D]`` (views of one tensor, no copies).
-- Prompt tuning / P-Tuning on a causal decoder (DESIGN.md section 3): the ``k`` prompt embeddings
+- Prompt tuning / P-Tuning on a causal decoder (docs/DESIGN.md section 3): the ``k`` prompt embeddings
   run once through the frozen model (batch 1); each layer's cached K/V is that layer's prefix, and
   the last prompt position's logits predict every row's first text token.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
+from . import _compat
 from .attention import SoftPromptContext
 
 Prefix = Tuple[torch.Tensor, torch.Tensor]
 
 
-def peft_type_name(peft_config) -> str:
-    peft_type = peft_config.peft_type
-    return getattr(peft_type, "value", str(peft_type))
-
-
 def prompt_encoder_output(peft_model, adapter: Optional[str] = None) -> torch.Tensor:
     """What PEFT's ``get_prompt`` computes for one row: ``[k, width]`` (differentiable)."""
-    adapter = adapter or peft_model.active_adapter
-    config = peft_model.peft_config[adapter]
-    encoder = peft_model.prompt_encoder[adapter]
+    config = _compat.adapter_config(peft_model, adapter)
+    encoder = _compat.prompt_encoder(peft_model, adapter)
+    weight = _compat.prompt_encoder_weight(encoder)
     if config.inference_mode:
-        return encoder.embedding.weight
-    tokens = peft_model.prompt_tokens[adapter][: config.num_virtual_tokens]
-    return encoder(tokens.to(encoder.embedding.weight.device)[None])[0]
+        return weight
+    tokens = _compat.prompt_tokens(peft_model, adapter)[: config.num_virtual_tokens]
+    return encoder(tokens.to(weight.device)[None])[0]
 
 
 def prefix_tuning_layers(peft_model, adapter: Optional[str] = None) -> List[Prefix]:
     """Each layer's (prefix_k, prefix_v) ``[1, Hkv, k, D]`` for a PREFIX_TUNING adapter."""
-    adapter = adapter or peft_model.active_adapter
-    config = peft_model.peft_config[adapter]
+    config = _compat.adapter_config(peft_model, adapter)
     out = prompt_encoder_output(peft_model, adapter)
-    dtype = getattr(peft_model, "base_model_torch_dtype", None)
+    dtype = _compat.base_model_dtype(peft_model)
     if dtype is not None:
         out = out.to(dtype)
     k, heads = config.num_virtual_tokens, config.num_attention_heads
@@ -58,35 +51,17 @@ class PromptPass:
     last_logits: Optional[torch.Tensor]  # [1, vocab]
 
 
-def cache_argument(model) -> str:
-    """The name of the model's cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 def run_prompt_once(model, prompts: torch.Tensor, want_logits: bool = True) -> PromptPass:
     """Runs ``prompts [1, k, hidden]`` through ``model`` (a causal LM on softprompt attention).
 
     Each attention layer records its K/V into the context (no KV cache involved, so it works with
     caching off and under activation checkpointing, which this short batch-1 pass does not need).
     """
-    capture = SoftPromptContext.capturing(model.config.get_text_config().num_hidden_layers)
-    with _without_activation_checkpointing(model):
+    capture = SoftPromptContext.capturing(_compat.text_config(model).num_hidden_layers)
+    with _compat.activation_checkpointing_disabled(model):
         out = model(inputs_embeds=prompts, use_cache=False, logits_to_keep=1 if want_logits else 0,
                     softprompt_context=capture)
     return PromptPass(list(capture.captured), out.logits[:, -1] if want_logits else None)
-
-
-@contextlib.contextmanager
-def _without_activation_checkpointing(model):
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for layer in layers:
-        layer.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.gradient_checkpointing = True
 
 
 def prompt_embeddings(peft_model, model, adapter: Optional[str] = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``PromptBank``: many prompt adapters for one frozen causal LM, served from one device bank.
 
-Every adapter becomes per-layer K/V once, when it is added (DESIGN.md section 3): prompt tuning and
+Every adapter becomes per-layer K/V once, when it is added (docs/DESIGN.md section 3): prompt tuning and
 P-tuning adapters are run through the model (batch 1) and their cached K/V kept; prefix-tuning adapters
 are their K/V already. All resident adapters live in one tensor per layer, ``[capacity, Hkv, K, D]``,
 indexed by slot; a batch names each row's adapter and the attention reads its slot through
@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..hf import _compat
 from ..hf.attention import SoftPromptContext, use_softprompt_attention
 from ..hf.families import family_of
 from ..hf.prompts import prompt_encoder_output, run_prompt_once
@@ -49,7 +50,7 @@ class PromptBank:
         self.model = model.eval()
         self.family = family
         use_softprompt_attention(model)
-        config = model.config.get_text_config()
+        config = _compat.text_config(model)
         self.num_layers = config.num_hidden_layers
         self.hidden_size = config.hidden_size
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -159,10 +160,10 @@ class PromptBank:
         if isinstance(source, (str, os.PathLike)):
             embeddings, config = _read_peft_directory(os.fspath(source))
             return self._from_peft_output(embeddings, config)
-        if hasattr(source, "prompt_encoder") and hasattr(source, "active_peft_config"):
+        if _compat.is_peft_prompt_model(source):
             with torch.no_grad():
                 embeddings = prompt_encoder_output(source).detach()
-            return self._from_peft_output(embeddings, source.active_peft_config)
+            return self._from_peft_output(embeddings, _compat.active_config(source))
         if isinstance(source, torch.Tensor):
             if kind not in ("prompt", "prefix"):
                 raise AdapterError(f"a tensor source needs kind='prompt' ([k, hidden]) or 'prefix' "
@@ -172,7 +173,7 @@ class PromptBank:
                            f"got {type(source).__name__}")
 
     def _from_peft_output(self, embeddings: torch.Tensor, config) -> _Prefix:
-        method = getattr(config.peft_type, "value", str(config.peft_type))
+        method = _compat.peft_type_name(config)
         if method in ("PROMPT_TUNING", "P_TUNING"):
             return self._from_prompt(embeddings)
         if method == "PREFIX_TUNING":

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from ..hf.prompts import cache_argument
+from ..hf import _compat
 
 
 def _positions(row_lengths: torch.Tensor, mask: torch.Tensor, last: int, model, family) -> torch.Tensor:
@@ -83,13 +83,11 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
     generators = [torch.Generator().manual_seed(int(s) + (row if not isinstance(seed, (list, tuple)) else 0))
                   if s is not None else None for row, s in enumerate(seeds)]
 
-    from transformers import DynamicCache
-
     context, row_lengths = bank.context_for(adapters)
-    cache = DynamicCache(config=model.config)
+    cache = _compat.new_dynamic_cache(model)
     positions = _positions(row_lengths, mask, length, model, bank.family)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, softprompt_context=context, **{cache_argument(model): cache})
+                logits_to_keep=1, softprompt_context=context, **{_compat.cache_argument(model): cache})
     new = [[] for _ in range(batch)]
     finished = limits <= 0
     for step in range(int(limits.max()) if batch else 0):
@@ -108,5 +106,5 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = _positions(row_lengths, mask, 1, model, bank.family)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                    softprompt_context=context, **{cache_argument(model): cache})
+                    softprompt_context=context, **{_compat.cache_argument(model): cache})
     return new

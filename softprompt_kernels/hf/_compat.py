@@ -1,0 +1,156 @@
+"""Every transformers and PEFT internal the integration touches, in one file.
+
+An upgrade of either library that renames an attribute or moves an import is mended here. Public,
+documented API (``get_peft_model``, ``PeftConfig``, ``model.generate``) is used directly elsewhere;
+what sits here is what those libraries may change without notice: PEFT's prompt-encoder attributes,
+transformers' attention registries, the cache argument's name, gradient-checkpointing flags.
+Tested versions: softprompt_kernels/versions.py (checked once when the HF layer is imported).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Dict, Optional
+
+import torch
+
+# --- PEFT: configs
+
+
+def peft_type_name(peft_config) -> str:
+    """'PROMPT_TUNING', 'P_TUNING', 'PREFIX_TUNING', ... (PEFT keeps an enum; saved configs hold strings)."""
+    peft_type = peft_config.peft_type
+    return getattr(peft_type, "value", str(peft_type))
+
+
+def task_type_name(peft_config) -> Optional[str]:
+    task = getattr(peft_config, "task_type", None)
+    return getattr(task, "value", task)
+
+
+def active_config(peft_model):
+    """The PeftConfig of the active adapter, or None for something that is not a PEFT model."""
+    return getattr(peft_model, "active_peft_config", None)
+
+
+def adapter_config(peft_model, adapter: Optional[str] = None):
+    return peft_model.peft_config[adapter or peft_model.active_adapter]
+
+
+def adapter_names(peft_model):
+    return list(peft_model.peft_config)
+
+
+def is_peft_prompt_model(source) -> bool:
+    """A live PEFT model carrying prompt-learning adapters (duck-typed: PEFT's classes vary by task)."""
+    return hasattr(source, "prompt_encoder") and hasattr(source, "active_peft_config")
+
+
+# --- PEFT: the prompt encoder and its input tokens
+
+
+def prompt_encoder(peft_model, adapter: Optional[str] = None) -> torch.nn.Module:
+    return peft_model.prompt_encoder[adapter or peft_model.active_adapter]
+
+
+def prompt_encoder_weight(encoder: torch.nn.Module) -> torch.Tensor:
+    """The virtual-token embedding table of a prompt encoder (every PEFT prompt encoder has one)."""
+    return encoder.embedding.weight
+
+
+def prompt_tokens(peft_model, adapter: Optional[str] = None) -> torch.Tensor:
+    """The virtual-token ids PEFT feeds its prompt encoder ([total virtual tokens], 0..k-1)."""
+    return peft_model.prompt_tokens[adapter or peft_model.active_adapter]
+
+
+def base_model_dtype(peft_model) -> Optional[torch.dtype]:
+    """The dtype PEFT casts prefix-tuning key/values to (None when PEFT did not record one)."""
+    return getattr(peft_model, "base_model_torch_dtype", None)
+
+
+# --- transformers: attention registries and implementation switch
+
+
+def register_attention(name: str, attention_fn, mask_fn) -> None:
+    """Registers an attention function and its mask builder under ``name`` (both are needed: without
+    the mask function transformers builds no padding mask for an unknown implementation)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention_fn)
+    AttentionMaskInterface.register(name, mask_fn)
+
+
+def attention_implementation(model) -> str:
+    return model.config._attn_implementation
+
+
+def set_attention_implementation(model, name: str) -> None:
+    model.set_attn_implementation(name)
+
+
+def text_config(model_or_config):
+    """The decoder's config (multimodal configs nest it; text-only configs return themselves)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config()
+
+
+# --- transformers: the KV cache argument
+
+
+def cache_argument(model) -> str:
+    """The name of the model's cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def pop_cache(kwargs: Dict[str, Any]):
+    """Removes and returns the cache from forward kwargs under either of its names."""
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+def cache_of(model_inputs: Dict[str, Any]):
+    """The cache in the inputs ``prepare_inputs_for_generation`` returned, under either name."""
+    cache = model_inputs.get("cache")
+    return cache if cache is not None else model_inputs.get("past_key_values")
+
+
+def new_dynamic_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+# --- transformers: generation hook
+
+
+@contextlib.contextmanager
+def patched_prepare_inputs(model, wrap):
+    """Runs a block with ``model.prepare_inputs_for_generation`` replaced by ``wrap(original)``.
+
+    generate() validates its keyword arguments against this method's signature, so the wrapper
+    must accept ``*args, **kwargs`` and return the inputs dict."""
+    original = model.prepare_inputs_for_generation
+    model.prepare_inputs_for_generation = wrap(original)
+    try:
+        yield
+    finally:
+        del model.prepare_inputs_for_generation
+
+
+# --- transformers: activation checkpointing
+
+
+@contextlib.contextmanager
+def activation_checkpointing_disabled(model):
+    """Turns off the ``gradient_checkpointing`` flag transformers sets on checkpointed layers, for one block."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
