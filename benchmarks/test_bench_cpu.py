@@ -1,13 +1,13 @@
 """pytest-benchmark view of the quick CPU cases: ``python -m pytest benchmarks/test_bench_cpu.py --benchmark-only``.
 
-The interleaved runner (``python -m benchmarks.run``) is the one that gives robust ratios;
+The interleaved runner (``softprompt-kernels bench``) is the one that gives robust ratios;
 this file lets pytest-benchmark's statistics, comparisons and histograms be used on the
 same cases and providers.
 """
 import pytest
 
 import softprompt_kernels
-from benchmarks import prefix_attention_cases as cases
+from softprompt_kernels.bench import prefix_attention as cases
 
 PROVIDERS = ("torch", "sdpa_concat", "cpu")
 CASES = cases.SUITES["cpu-quick"].cases

@@ -2,75 +2,35 @@
 
 Subcommands:
 
-- ``bench``: benchmarks ``prefix_attention`` on this machine (every fused backend that
-  runs here against the pure-PyTorch path and ``sdpa_concat``), prints a table and
-  writes JSON + PNG. It needs a source checkout: the harness is the repository's
-  top-level ``benchmarks/`` package, which is not installed.
-
+- ``bench``: runs a benchmark suite (softprompt_kernels/bench): by default ``prefix_attention`` on every
+  fused backend that runs here against the pure-PyTorch path and ``sdpa_concat``; prints a table and
+  writes JSON + PNG.
 - ``serve``: an HTTP completions server over a ``PromptBank`` of PEFT prompt adapters.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Optional, Sequence
 
-# In a source checkout (and an editable install) the package directory sits in the repo root.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class BenchmarksNotFound(RuntimeError):
-    """The ``benchmarks`` package of a source checkout could not be found."""
-
-
-def locate_benchmarks(repo_root: Optional[Path] = None) -> ModuleType:
-    """Puts the checkout's ``benchmarks/`` on ``sys.path`` and returns ``benchmarks.run``."""
-    repo_root = Path(repo_root or REPO_ROOT)
-    if not (repo_root / "benchmarks" / "harness.py").is_file():
-        raise BenchmarksNotFound(
-            f"`softprompt-kernels bench` needs a source checkout of softprompt-kernels: no benchmarks/ "
-            f"package next to {Path(__file__).resolve().parent} (installed from a wheel?). Clone the "
-            f"repository and install it with `pip install --no-build-isolation -e .`.")
-    if str(repo_root) not in sys.path:
-        sys.path.insert(0, str(repo_root))
-    package = importlib.import_module("benchmarks")
-    # Another distribution's top-level `benchmarks` could shadow ours; refuse rather than run it.
-    if Path(package.__file__).resolve().parent != (repo_root / "benchmarks").resolve():
-        raise BenchmarksNotFound(f"`import benchmarks` found {package.__file__}, not {repo_root / 'benchmarks'}")
-    return importlib.import_module("benchmarks.run")
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
 
 
 def _bench(args: argparse.Namespace) -> int:
-    try:
-        runner = locate_benchmarks()
-    except BenchmarksNotFound as exc:
-        print(f"softprompt-kernels bench: {exc}", file=sys.stderr)
-        return 2
-    suite = args.suite or runner.default_suite(quick=args.quick)
-    providers = args.providers.split(",") if args.providers else None
-    runner.run_bench(suite, args.out, args.reps, providers, args.min_time_s)
-    return 0
+    from .bench import run
+
+    return run.run_from_args(args)
 
 
 def _add_bench(subparsers) -> None:
+    from .bench import run
+
     bench = subparsers.add_parser(
-        "bench", help="benchmark prefix_attention on this machine",
-        description="Times prefix_attention on each fused backend that runs here against the pure-PyTorch "
-                    "path (torch) and SDPA on pre-concatenated k/v (sdpa_concat); prints a table and "
-                    "writes <out>/<suite>.json and <out>/<suite>.png.")
-    which = bench.add_mutually_exclusive_group()
-    which.add_argument("--suite", default=None,
-                       help="cpu, cpu-quick, gpu, gpu-quick (the op), peft-cpu, peft-cpu-quick, peft-gpu (end-to-end "
-                            "training step); default: gpu with CUDA, else cpu")
-    which.add_argument("--quick", action="store_true", help="the quick suite of this machine (seconds)")
-    bench.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
-    bench.add_argument("--reps", type=int, default=None, help="minimum repetitions per provider")
-    bench.add_argument("--min-time", type=float, default=None, dest="min_time_s",
-                       help="minimum seconds of timing per case (default: the suite's)")
-    bench.add_argument("--providers", default=None, help="comma-separated subset, e.g. torch,cpu")
+        "bench", help="benchmark the ops (or a training step, or serving) on this machine", formatter_class=HELP_FORMAT,
+        description="Runs a benchmark suite: every provider of a case timed side by side in one run (medians), "
+                    "speed-ups against the pure-PyTorch path (torch) and SDPA on pre-concatenated k/v "
+                    "(sdpa_concat); prints a table and writes <out>/<suite>.json and <out>/<suite>.png.")
+    run.add_arguments(bench)
     bench.set_defaults(handler=_bench)
 
 
@@ -114,26 +74,27 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_serve(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="serve many prompt adapters of one model over HTTP (OpenAI completions style)",
-        description="Loads a causal LM and PEFT prompt adapters into a PromptBank and answers "
+        formatter_class=HELP_FORMAT, description="Loads a causal LM and PEFT prompt adapters into a PromptBank and answers "
                     "POST /v1/completions, batching concurrent requests across adapters.")
     serve.add_argument("--model", required=True, help="a Hugging Face model directory")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                        help="a PEFT prompt adapter directory (repeatable); requests name it in 'model'")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--capacity", type=int, default=64, help="adapters resident on the device at once")
-    serve.add_argument("--max-batch", type=int, default=16, dest="max_batch")
+    serve.add_argument("--max-batch", type=int, default=16, dest="max_batch", help="requests batched together")
     serve.add_argument("--max-queue", type=int, default=64, dest="max_queue",
                        help="queued requests beyond which new ones get 503")
-    serve.add_argument("--device", default="cpu")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    serve.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                       help="dtype the model is loaded in")
     serve.set_defaults(handler=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
-    parser = argparse.ArgumentParser(prog="softprompt-kernels",
+    parser = argparse.ArgumentParser(prog="softprompt-kernels", formatter_class=HELP_FORMAT,
                                      description="Fused kernels for soft-prompt methods over frozen models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 import softprompt_kernels
-from softprompt_kernels.cli import locate_benchmarks, main
-
-runner = locate_benchmarks()  # puts the checkout's benchmarks/ package on sys.path
-from benchmarks import harness  # noqa: E402
-from benchmarks import prefix_attention_cases as cases  # noqa: E402
+from softprompt_kernels.bench import harness, run as runner
+from softprompt_kernels.bench import prefix_attention as cases
+from softprompt_kernels.cli import main
 
 RECORD_FIELDS = {"bench", "provider", "device", "commit", "config", "ms", "tflops", "gbps", "peak_mem_mb"}
 
@@ -37,7 +35,8 @@ def test_bench_quick_writes_records_and_plot(tmp_path, capsys):
     assert all(r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0 for r in records)
     assert (tmp_path / f"{suite.name}.png").stat().st_size > 1000
     table = capsys.readouterr().out.rstrip().splitlines()
-    assert "speed-up vs torch" in "\n".join(table[-len(suite.cases) - 4:])  # the table comes last
+    header = "\n".join(table[-len(suite.cases) - 4:])  # the table comes last
+    assert "speed-up vs torch" in header and "speed-up vs sdpa_concat" in header
 
 
 def _brute_force_flops(case: cases.Case) -> int:
@@ -85,12 +84,50 @@ def test_table_reports_speedup_against_torch():
     assert row.startswith("case-1") and "2.00" in row and "4.000" in row
 
 
-def test_bench_without_checkout_explains(tmp_path, capsys, monkeypatch):
-    import softprompt_kernels.cli as cli
+def test_table_has_a_column_per_reference_provider():
+    def record(provider, ms):
+        return harness.Record("op", provider, "dev", "abc", {"name": "case-1"}, ms, 1.0, 1.0, None)
 
-    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)  # a directory without benchmarks/
-    assert main(["bench", "--quick"]) == 2
-    assert "source checkout" in capsys.readouterr().err
+    table = harness.format_table([record("torch", 4.0), record("sdpa_concat", 3.0), record("cpu", 2.0)])
+    assert "speed-up vs torch" in table and "speed-up vs sdpa_concat" in table and "peak MiB" not in table
+    assert table.splitlines()[-1].split("|")[-1].split() == ["1.50"]  # cpu vs sdpa_concat
+
+
+def test_commit_of_an_installed_package_names_its_release(tmp_path):
+    assert harness.git_commit(tmp_path) == f"release-{softprompt_kernels.__version__}"
+
+
+def test_every_suite_follows_the_protocol():
+    for name, module in runner.all_suites().items():
+        suite = module.SUITES[name]
+        assert suite.name == name and suite.device in ("cpu", "cuda") and suite.cases
+        assert isinstance(module.BENCH, str) and module.CASE_KEY and module.known_providers()
+        assert hasattr(module, "build") != hasattr(module, "measure"), module.__name__
+
+
+def test_bench_help_lists_the_suites(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "serve-cpu" in out and "peft-cpu" in out and "(default: bench-out)" in out
+
+
+def test_plot_says_what_its_axes_mean(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    labels = {}
+    for setter in ("set_xlabel", "set_ylabel"):
+        original = getattr(matplotlib.axes.Axes, setter)
+
+        def spy(self, text, *args, _original=original, _setter=setter, **kwargs):
+            labels.setdefault(_setter, []).append(text)
+            return _original(self, text, *args, **kwargs)
+        monkeypatch.setattr(matplotlib.axes.Axes, setter, spy)
+    records = [harness.Record("op", p, "dev", "abc", {"name": "B2 L8"}, ms, 1.0, 1.0, None)
+               for p, ms in (("torch", 2.0), ("cpu", 1.0))]
+    harness.plot(records, tmp_path / "p.png", case_key="B = rows, L = length")
+    assert [t for t in labels["set_xlabel"] if t] == ["case: B = rows, L = length"]
+    assert [t for t in labels["set_ylabel"] if t] and all("higher is better" in t for t in labels["set_ylabel"] if t)
 
 
 def test_no_subcommand_prints_help(capsys):
@@ -99,7 +136,7 @@ def test_no_subcommand_prints_help(capsys):
 
 
 def test_insertion_bench_cases_build_and_run_on_cpu():
-    from benchmarks import insertion_cases
+    from softprompt_kernels.bench import insertion as insertion_cases
 
     for case in insertion_cases.SUITES["insertion-cpu-quick"].cases:
         setup = insertion_cases.build(case, torch.device("cpu"))

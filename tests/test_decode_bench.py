@@ -1,9 +1,11 @@
 """The decode and prefill benchmark modules on the CPU: cases build, the torch provider runs, the
-GPU backends are skipped with their reasons, and the goal lines of the CUDA issue are computed
-from records (GPU numbers come from benchmarks/device_check.sh on a lent GPU)."""
+GPU backends are skipped with their reasons, and the lines of the decode goals (docs/DESIGN.md section 7)
+are computed from records (GPU numbers come from benchmarks/device_check.sh on a lent GPU)."""
 import torch
 
-from benchmarks import decode_cases, harness, prefix_attention_cases
+from softprompt_kernels.bench import decode as decode_cases
+from softprompt_kernels.bench import harness
+from softprompt_kernels.bench import prefix_attention as prefix_attention_cases
 
 
 def _record(provider, case, ms, gbps=0.0, mode=None):

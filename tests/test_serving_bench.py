@@ -7,12 +7,13 @@ pytest.importorskip("peft")
 
 
 def test_quick_serving_benchmark(tmp_path):
-    from benchmarks import serving_cases
+    from softprompt_kernels.cli import main
 
-    assert serving_cases.main(["--suite", "serve-cpu-quick", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--suite", "serve-cpu-quick", "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "serve-cpu-quick.json").read_text())
     providers = {r["provider"] for r in records}
     assert providers == {"bank", "bare", "peft_loop", "peft_generate"}
     bank = next(r for r in records if r["provider"] == "bank")
     assert bank["config"]["wrong_rows"] == 0 and bank["config"]["tokens_per_s"] > 0
     assert "p99_ms_per_token" in bank["config"]
+    assert (tmp_path / "serve-cpu-quick.png").stat().st_size > 1000

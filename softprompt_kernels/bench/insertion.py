@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-import softprompt_kernels
-from benchmarks.harness import CaseSetup, Suite, Timing, timed_call
-from softprompt_kernels import _insertion_ops
+from ..backends import available_backends, get_backend
+from ..insertion import insert_prompt, insert_prompt_reference, validate_insert_prompt_args
+from .harness import CaseSetup, Suite, Timing, timed_call
 
 BENCH = "insert_prompt"
-FUSED = ("cpu", "cuda")
+CASE_KEY = "B = rows, n = tokens per row, k = prompt length, d = hidden size; fwd = forward, fwd_bwd = with backward"
 _SHORT_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
 
 
@@ -52,16 +51,6 @@ def moved_bytes(case: Case) -> float:
     return elems * torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
 
 
-def _peft_insert(ids, weight, prompt):
-    embeds = F.embedding(ids, weight)
-    return torch.cat([prompt.to(weight.dtype).expand(ids.shape[0], -1, -1), embeds], dim=1)
-
-
-def fused_backends(device) -> List[str]:
-    device_type = torch.device(device).type
-    return [name for name in FUSED if name == device_type and _insertion_ops.unavailable_reason(name) is None]
-
-
 def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup:
     device = torch.device(device)
     dtype = getattr(torch, case.dtype)
@@ -71,19 +60,25 @@ def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup
     prompt = torch.randn(case.k, case.d, generator=gen, device=device).requires_grad_(case.mode == "fwd_bwd")
     d_out = torch.randn(case.B, case.k + case.n, case.d, generator=gen, device=device, dtype=dtype)
     providers: Dict[str, Callable[[], Any]] = {}
-    if only is None or "torch" in only:
-        providers["torch"] = timed_call(lambda: _peft_insert(ids, weight, prompt), (prompt,), d_out, case.mode)
-    for name in fused_backends(device):
-        if only is None or name in only:
-            fused = (lambda name=name: softprompt_kernels.insert_prompt(ids, weight, prompt, backend=name))
+    skipped: Dict[str, str] = {}
+    inputs = validate_insert_prompt_args(ids, weight, prompt)
+    for name in known_providers():
+        if only is not None and name not in only:
+            continue
+        reasons = get_backend(name, "insert_prompt").not_supported_reasons(inputs)
+        if reasons:
+            skipped[name] = "; ".join(reasons)
+        elif name == "torch":  # the PEFT path itself, without the API's validation
+            providers[name] = timed_call(lambda: insert_prompt_reference(ids, weight, prompt), (prompt,), d_out,
+                                         case.mode)
+        else:
+            fused = (lambda name=name: insert_prompt(ids, weight, prompt, backend=name))
             providers[name] = timed_call(fused, (prompt,), d_out, case.mode)
-    why = _insertion_ops.unavailable_reason(device.type) if device.type in FUSED else None
-    skipped = {device.type: why} if why else {}
     return CaseSetup(config=case.config(), flops=0.0, bytes=moved_bytes(case), providers=providers, skipped=skipped)
 
 
 def known_providers() -> List[str]:
-    return ["torch", *(name for name in FUSED if _insertion_ops.unavailable_reason(name) is None)]
+    return available_backends("insert_prompt")
 
 
 def _both(case: Case) -> List[Case]:

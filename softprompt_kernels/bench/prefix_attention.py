@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import softprompt_kernels
-from benchmarks.harness import CaseSetup, Suite, Timing, timed_call
+from .harness import CaseSetup, Suite, Timing, timed_call
 
 BENCH = "prefix_attention"
+CASE_KEY = ("B = rows, H = q/kv heads, L = query/key length, K = prefix slots, D = head dim, dtype, mask, "
+            "P = prompts in the bank; fwd = forward, fwd_bwd = forward + backward")
 BASE_PROVIDERS = ("torch", "sdpa_concat")
 MODES = ("fwd", "fwd_bwd")
 _SHORT_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
@@ -73,7 +75,7 @@ def visible_sequence_keys(Lq: int, Lk: int, causal: bool) -> int:
 
 def forward_flops(case: Case) -> float:
     """``4 * B * Hq * D * sum over queries of (prefix slots + visible sequence keys)``: two matmuls
-    (QK^T and PV) of 2 FLOPs per multiply-add; the prefix is never masked (DESIGN.md 7)."""
+    (QK^T and PV) of 2 FLOPs per multiply-add; the prefix is never masked (docs/DESIGN.md section 7)."""
     keys = case.Lq * case.K + visible_sequence_keys(case.Lq, case.Lk, case.causal)
     return 4.0 * case.B * case.Hq * case.D * keys
 
@@ -240,7 +242,7 @@ def _prefill_gpu() -> List[Case]:
 
 
 def goals(records) -> List[str]:
-    """The CUDA issue's prefill goal (CUDA forward within 1.25x of the Triton forward), per case."""
+    """The CUDA prefill goal (docs/DESIGN.md section 7: CUDA forward within 1.25x of the Triton forward), per case."""
     by_case: Dict[str, Dict[str, Any]] = {}
     for r in records:
         by_case.setdefault(r.config.get("name"), {})[r.provider] = r

@@ -1,10 +1,11 @@
-"""Benchmark machinery shared by every op: timing, peak memory, records, table, plot.
+"""Benchmark machinery shared by every suite: timing, peak memory, records, table, plot.
 
-Nothing here knows about a particular op. A benchmark module supplies a ``build(case)``
-that returns a :class:`CaseSetup` (a config, a FLOP and byte count, and one zero-argument
-callable per provider); :func:`run_cases` times the providers of each case side by side,
-measures their peak memory and returns :class:`Record` objects, which
-:func:`write_json`, :func:`print_table` and :func:`plot` report.
+Nothing here knows about a particular op. A benchmark module (the protocol: bench/__init__.py)
+either supplies ``build(case, device, providers)`` returning a :class:`CaseSetup` (a config, a FLOP
+and byte count, and one zero-argument callable per provider), which :func:`run_cases` times side by
+side and measures for peak memory, or ``measure(case, device, providers, timing)`` returning its own
+:class:`Record` objects (serving: tokens/s of whole generations). :func:`write_json`,
+:func:`print_table` and :func:`plot` report both alike.
 """
 from __future__ import annotations
 
@@ -21,16 +22,23 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
-from softprompt_kernels.profiling import peak_memory_mb
+from .._version import __version__
+from ..profiling import peak_memory_mb
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BASELINES = ("torch", "peft")  # the provider ratios are taken against: the first one present
+# In a source checkout (and an editable install) the package sits in the repository root.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The provider speed-ups are taken against: the first one of these present in a suite's records.
+BASELINES = ("torch", "peft", "bare")
+# A second speed-up column, against each of these that is present and is not the baseline: the
+# copy-free lower bound of the op (sdpa_concat) and the bare frozen model (what prompt learning can
+# at best cost).
+REFERENCES = ("sdpa_concat", "bare")
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
 
 @dataclass
 class Record:
-    """One provider on one case: the JSON record of DESIGN.md section 7."""
+    """One provider on one case: the JSON record of docs/DESIGN.md section 7."""
 
     bench: str
     provider: str
@@ -75,13 +83,16 @@ class Suite:
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
-    """Short HEAD hash, ``-dirty`` when tracked files differ from HEAD; "unknown" outside git.
+    """Short HEAD hash, ``-dirty`` when tracked files differ from HEAD; ``release-<version>`` for an
+    installed wheel (no source checkout around the package); "unknown" when git cannot tell.
 
     Untracked files are ignored on purpose: benchmark output written into the tree would
     otherwise mark every later run dirty. ``SOFTPROMPT_COMMIT`` overrides it: a lent GPU
     machine gets a copy of the tree without its git history."""
     if os.environ.get("SOFTPROMPT_COMMIT"):
         return os.environ["SOFTPROMPT_COMMIT"]
+    if not (Path(repo) / "setup.py").is_file() or not (Path(repo) / "csrc").is_dir():
+        return f"release-{__version__}"
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
@@ -301,6 +312,26 @@ def run_cases(bench: str, cases: Iterable[Any], build: Callable[[Any], CaseSetup
     return records
 
 
+def run_measured(cases: Iterable[Any], measure: Callable[[Any], List[Record]], device: torch.device,
+                 log: Callable[[str], None] = print) -> List[Record]:
+    """Runs suites whose module measures its own records (``measure(case)``); one line per case."""
+    cases = list(cases)
+    records: List[Record] = []
+    cpu_before = _cpu_seconds()
+    for i, case in enumerate(cases, 1):
+        case_records = measure(case)
+        records.extend(case_records)
+        summary = ", ".join(f"{r.provider} {r.ms:.1f} ms" for r in case_records)
+        name = case_records[0].config.get("name") if case_records else case
+        log(f"[{i}/{len(cases)}] {name}: {summary}")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    note = contention_note(cpu_before)
+    if note:
+        log(f"note: {note}")
+    return records
+
+
 def write_json(records: Sequence[Record], path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,23 +373,32 @@ def _column_group(title: str, names: List[str], values: Dict[str, List[Optional[
     return lines
 
 
+def reference_columns(records: Sequence[Record]) -> List[str]:
+    """The providers of :data:`REFERENCES` present that get a speed-up column of their own."""
+    present, baseline = {r.provider for r in records}, baseline_of(records)
+    return [name for name in REFERENCES if name in present and name != baseline]
+
+
 def format_table(records: Sequence[Record]) -> str:
-    """Fixed-width table: one row per case; ms, speed-up vs the baseline and peak MiB per provider."""
+    """Fixed-width table: one row per case; ms, speed-up vs the baseline (and vs each reference
+    provider present, e.g. sdpa_concat) and peak MiB per provider."""
     if not records:
         return "(no records)"
     names = _providers(records)
     cases = _by_case(records)
 
-    def column(get) -> Dict[str, List[Optional[float]]]:
-        return {n: [get(case, n) if n in case else None for case in cases.values()] for n in names}
+    def column(get, among) -> Dict[str, List[Optional[float]]]:
+        return {n: [get(case, n) if n in case else None for case in cases.values()] for n in among}
 
     baseline = baseline_of(records)
-    groups = [_column_group("ms per call", names, column(lambda c, n: c[n].ms), ".3f", 10)]
-    others = [n for n in names if n != baseline]
-    if others and baseline is not None:
-        groups.append(_column_group(f"speed-up vs {baseline}", others,
-                                    column(lambda c, n: _speedup(c, n, baseline)), ".2f", 10))
-    groups.append(_column_group("peak MiB", names, column(lambda c, n: c[n].peak_mem_mb), ".2f", 10))
+    groups = [_column_group("ms per call", names, column(lambda c, n: c[n].ms, names), ".3f", 10)]
+    for reference in ([baseline] if baseline else []) + reference_columns(records):
+        others = [n for n in names if n not in (baseline, reference)]
+        if others:
+            groups.append(_column_group(f"speed-up vs {reference}", others,
+                                        column(lambda c, n, ref=reference: _speedup(c, n, ref), others), ".2f", 10))
+    if any(r.peak_mem_mb is not None for r in records):
+        groups.append(_column_group("peak MiB", names, column(lambda c, n: c[n].peak_mem_mb, names), ".2f", 10))
     width = max(len("case"), *(len(c) for c in cases))
     first = ["", "case", *cases]
     rows = [first[i].ljust(width) + " |" + " |".join(g[i] for g in groups) for i in range(len(first))]
@@ -370,9 +410,20 @@ def print_table(records: Sequence[Record]) -> None:
     print(format_table(records), flush=True)
 
 
-def plot(records: Sequence[Record], png_path) -> Path:
-    """Grouped bars per case: TFLOP/s per provider (top) and speed-up vs torch (bottom).
-    Uses the Agg backend, so no display is needed; raises ImportError without matplotlib."""
+def _throughput(records: Sequence[Record]) -> Tuple[str, Callable[[Record], float]]:
+    """What the top panel of the plot shows: TFLOP/s where the suite counts FLOPs, else GB/s, else
+    calls per second (always higher is better)."""
+    if all(r.tflops > 0 for r in records):
+        return "TFLOP/s (higher is better)", lambda r: r.tflops
+    if all(r.gbps > 0 for r in records):
+        return "GB/s moved (higher is better)", lambda r: r.gbps
+    return "calls per second (higher is better)", lambda r: 1e3 / r.ms
+
+
+def plot(records: Sequence[Record], png_path, case_key: str = "") -> Path:
+    """Grouped bars per case: throughput per provider (top) and speed-up vs the baseline (bottom).
+    ``case_key`` explains the case labels on the x axis. Uses the Agg backend, so no display is
+    needed; raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -380,19 +431,21 @@ def plot(records: Sequence[Record], png_path) -> Path:
 
     cases, names, baseline = _by_case(records), _providers(records), baseline_of(records)
     labels = list(cases)
+    metric_name, metric = _throughput(records)
     width = 0.8 / max(1, len(names))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(labels) + 3), 9), sharex=True)
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(labels))]
-        top.bar(xs, [cases[c][name].tflops if name in cases[c] else 0.0 for c in labels], width, label=name)
+        top.bar(xs, [metric(cases[c][name]) if name in cases[c] else 0.0 for c in labels], width, label=name)
         bottom.bar(xs, [_speedup(cases[c], name, baseline) or 0.0 for c in labels], width, label=name)
     bottom.axhline(1.0, color="black", linewidth=0.8)
-    top.set_ylabel("TFLOP/s")
-    bottom.set_ylabel(f"speed-up vs {baseline} (x)")
+    top.set_ylabel(metric_name)
+    bottom.set_ylabel(f"speed-up vs {baseline} (x, higher is better)")
     top.set_title(f"{records[0].bench} on {records[0].device} ({records[0].commit})" if records else "")
-    top.legend()
+    top.legend(title="provider")
     bottom.set_xticks(range(len(labels)))
     bottom.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
+    bottom.set_xlabel("case" + (f": {case_key}" if case_key else ""), fontsize=8)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.harness import CaseSetup, Suite, Timing
+from .harness import CaseSetup, Suite, Timing
 
 BENCH = "peft_training_step"
+CASE_KEY = ("model (h = hidden, L = layers, H = q/kv heads), method, B = rows, n = text tokens, k = virtual tokens; "
+            "one forward + backward with labels")
 PROVIDERS = ("bare", "peft", "accelerated")
 
 
@@ -114,7 +116,7 @@ def known_providers() -> List[str]:
     return list(PROVIDERS)
 
 
-_ACCEPTANCE_CPU = Case("prompt", B=16, n=128, k=100)  # tiny Llama-shaped model of the issue
+_ACCEPTANCE_CPU = Case("prompt", B=16, n=128, k=100)  # the tiny Llama-shaped model of the CPU goals (docs/DESIGN.md section 7)
 _GPU_1B = Case("prompt", B=32, n=256, k=100, hidden=2048, layers=16, heads=32, kv_heads=8, vocab=32000,
                intermediate=5632, dtype="bfloat16")
 

@@ -1,7 +1,7 @@
 """Decode benchmark of ``prefix_attention`` (the serving step): one query per row over the row's
 prompt prefix (from a bank) and its KV cache.
 
-Cases follow the CUDA issue: B in {1, 8, 64}, cache lengths {512, 4096, 32768}, K = 128 prefix
+Cases follow the decode goals (docs/DESIGN.md section 7): B in {1, 8, 64}, cache lengths {512, 4096, 32768}, K = 128 prefix
 slots, Hq = 32, Hkv = 8, D = 128, bfloat16, with one shared prompt or 64 distinct prompts in the
 bank (row b uses prompt b % 64). Providers: ``torch`` (the PEFT path), ``triton``, ``cuda``, each
 through ``prefix_attention`` under ``no_grad``; plus a ``device_copy`` case that measures the copy
@@ -18,9 +18,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 import softprompt_kernels
-from benchmarks.harness import CaseSetup, Record, Suite, Timing
+from .harness import CaseSetup, Record, Suite, Timing
 
 BENCH = "prefix_attention_decode"
+CASE_KEY = "B = rows, cache = cached keys per row, K = prefix slots, P = distinct prompts, D = head dim; one query per row"
 PROVIDERS = ("torch", "triton", "cuda")
 COPY_PROVIDER = "device_copy"
 COPY_BYTES = 2 << 30
@@ -141,7 +142,7 @@ SUITES: Dict[str, Suite] = {
 
 
 def goals(records: Sequence[Record]) -> List[str]:
-    """The CUDA issue's decode goals, each as measured / met or not (lines for the log)."""
+    """The CUDA decode goals (docs/DESIGN.md section 7), each as measured / met or not (lines for the log)."""
     by = {(r.config.get("name"), r.provider): r for r in records}
     copy = next((r for r in records if r.provider == COPY_PROVIDER), None)
     lines = []

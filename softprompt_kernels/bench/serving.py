@@ -1,7 +1,7 @@
 """Serving benchmark: many prompt adapters in one batch vs the bare model and vs PEFT.
 
-``python -m benchmarks.serving_cases [--suite serve-cpu] [--out DIR]`` times, for batches whose rows
-use 1, 8 or 64 distinct prompt adapters (greedy, same requests for every provider):
+``softprompt-kernels bench --suite serve-cpu`` times, for batches whose rows use 1, 8 or 64 distinct
+prompt adapters (greedy, same requests for every provider):
 
 - ``bank``: ``PromptBank.generate`` (one batch, prefixes from the bank, text-only KV cache);
 - ``bare``: the model without prompts, Hugging Face ``generate`` at the same batch (the floor);
@@ -9,7 +9,8 @@ use 1, 8 or 64 distinct prompt adapters (greedy, same requests for every provide
   tokens are checked against the correct ones and the mismatch count is recorded);
 - ``peft_loop``: the correct PEFT baseline, a greedy loop over PEFT's forward, adapter by adapter.
 
-Records: tokens/s, and for ``bank``/``bare`` the p50/p99 time per generated token (per decode step).
+Records (``ms`` = one whole batch generation): tokens/s, and for ``bank``/``bare`` the p50/p99 time per
+generated token (per decode step), in the config.
 ``bank`` and ``bare`` (the ratio the goals are about) run ``rounds`` times each, interleaved and in
 alternating order, so that a slow phase of a shared machine hits both alike; their tokens/s is the
 median over rounds and the per-token latencies pool every round. The PEFT baselines, an order of
@@ -17,18 +18,20 @@ magnitude slower, run once.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.harness import Record, device_name, git_commit
+from .harness import Record, Suite, Timing, device_name, git_commit
+
+BENCH = "serving"
+PROVIDERS = ("bank", "bare", "peft_loop", "peft_generate")
+CASE_KEY = ("adapters = distinct prompt adapters in the batch, B = requests, prompt = tokens per request, "
+            "+N = new tokens per request, k = virtual tokens per adapter")
 
 
 @dataclass(frozen=True)
@@ -49,11 +52,19 @@ class Case:
         return f"{self.adapters} adapters, B{self.B}, prompt {self.prompt_len}, +{self.new_tokens} tokens, k{self.k}"
 
 
-SUITES = {"serve-cpu": [Case(1), Case(8), Case(64)],
-          "serve-cpu-quick": [Case(2, B=4, prompt_len=8, new_tokens=4, k=4, hidden=64, layers=2, vocab=100, rounds=2)],
-          "serve-gpu": [Case(1, hidden=2048, layers=16, vocab=32000, dtype="bfloat16", new_tokens=32),
-                        Case(8, hidden=2048, layers=16, vocab=32000, dtype="bfloat16", new_tokens=32),
-                        Case(64, hidden=2048, layers=16, vocab=32000, dtype="bfloat16", new_tokens=32)]}
+_GPU = dict(hidden=2048, layers=16, vocab=32000, dtype="bfloat16", new_tokens=32)
+# Timing does not apply: each case sets its own interleaved rounds (Case.rounds).
+SUITES = {
+    "serve-cpu": Suite("serve-cpu", "cpu", [Case(1), Case(8), Case(64)], Timing()),
+    "serve-cpu-quick": Suite("serve-cpu-quick", "cpu",
+                             [Case(2, B=4, prompt_len=8, new_tokens=4, k=4, hidden=64, layers=2, vocab=100, rounds=2)],
+                             Timing()),
+    "serve-gpu": Suite("serve-gpu", "cuda", [Case(1, **_GPU), Case(8, **_GPU), Case(64, **_GPU)], Timing()),
+}
+
+
+def known_providers() -> List[str]:
+    return list(PROVIDERS)
 
 
 def _model(case: Case, device):
@@ -192,35 +203,40 @@ def _summary(case: Case, seconds: float, step_seconds: List[float]) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="serve-gpu" if torch.cuda.is_available() else "serve-cpu",
-                        choices=sorted(SUITES))
-    parser.add_argument("--out", default="bench-out")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.suite.startswith("serve-gpu") else "cpu")
-    records = []
-    for case in SUITES[args.suite]:
-        results = run_case(case, device)
-        for provider, summary in results.items():
-            records.append(Record(bench="serving", provider=provider, device=device_name(device), commit=git_commit(),
-                                  config={"name": case.name, **asdict(case), **summary},
-                                  ms=1e3 * summary["seconds"], tflops=0.0, gbps=0.0, peak_mem_mb=None))
-        bank, bare = results["bank"]["tokens_per_s"], results["bare"]["tokens_per_s"]
-        print(f"{case.name}: tokens/s bank {bank:.0f}, bare {bare:.0f} ({bank / bare:.2f}x), "
-              f"PEFT generate {results['peft_generate']['tokens_per_s']:.0f} "
-              f"({results['peft_generate']['wrong_rows']} rows wrong), PEFT loop "
-              f"{results['peft_loop']['tokens_per_s']:.0f} ({bank / results['peft_loop']['tokens_per_s']:.1f}x); "
-              f"bank p50/p99 {results['bank'].get('p50_ms_per_token', 0):.1f}/"
-              f"{results['bank'].get('p99_ms_per_token', 0):.1f} ms per token; bank rows wrong: "
-              f"{results['bank']['wrong_rows']}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.suite}.json"
-    path.write_text(json.dumps([asdict(r) for r in records], indent=1))
-    print(f"wrote {path}")
-    return 0
+def measure(case: Case, device, providers: Optional[Sequence[str]] = None, timing: Optional[Timing] = None
+            ) -> List[Record]:
+    """Runs one case; its records carry tokens/s and latencies in the config. Every provider runs (the
+    bank's tokens are checked against the PEFT loop's), ``providers`` only filters the records."""
+    device = torch.device(device)
+    results = run_case(case, device)
+    return [Record(bench=BENCH, provider=provider, device=device_name(device), commit=git_commit(),
+                   config={"name": case.name, **asdict(case), **summary}, ms=1e3 * summary["seconds"],
+                   tflops=0.0, gbps=0.0, peak_mem_mb=None)
+            for provider, summary in results.items() if providers is None or provider in providers]
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def goals(records: Sequence[Record]) -> List[str]:
+    """Per case: tokens/s of the bank vs the bare model (goal >= 0.9x) and vs the PEFT loop (>= 5x),
+    latencies, and rows whose tokens differ from the correct ones."""
+    by_case: Dict[str, Dict[str, Record]] = {}
+    for r in records:
+        by_case.setdefault(r.config["name"], {})[r.provider] = r
+    lines = []
+    for name, recs in by_case.items():
+        if "bank" not in recs:
+            continue
+        bank = recs["bank"].config
+        parts = [f"bank {bank['tokens_per_s']:.0f} tokens/s"]
+        if "bare" in recs:
+            ratio = bank["tokens_per_s"] / recs["bare"].config["tokens_per_s"]
+            parts.append(f"{ratio:.2f}x the bare model (goal >= 0.9x: {'met' if ratio >= 0.9 else 'NOT met'})")
+        if "peft_loop" in recs:
+            ratio = bank["tokens_per_s"] / recs["peft_loop"].config["tokens_per_s"]
+            parts.append(f"{ratio:.1f}x the PEFT loop (goal >= 5x: {'met' if ratio >= 5 else 'NOT met'})")
+        if "p50_ms_per_token" in bank:
+            parts.append(f"p50/p99 {bank['p50_ms_per_token']:.1f}/{bank['p99_ms_per_token']:.1f} ms per token")
+        parts.append(f"bank rows wrong: {bank['wrong_rows']}")
+        if "peft_generate" in recs:
+            parts.append(f"PEFT generate() rows wrong: {recs['peft_generate'].config['wrong_rows']}")
+        lines.append(f"{name}: " + "; ".join(parts))
+    return lines

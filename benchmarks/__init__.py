@@ -1,1 +1,0 @@
-"""Benchmark harness and cases (run from a source checkout: ``python -m benchmarks.run``)."""
