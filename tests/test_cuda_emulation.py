@@ -1,7 +1,9 @@
 """The CUDA kernels' logic on the CPU: csrc/cuda/*.cuh compiled by the host compiler with the SIMT
 emulator (tests/cuda_emulation), compared with the float64 oracle. Catches indexing, masking, split
 and combine errors, and misplaced barriers (a divergent __syncthreads hangs the emulator as it would
-a GPU), on machines without a GPU. Real-GPU checks are in test_cuda_gpu.py."""
+a GPU), on machines without a GPU. Every call goes through the CUDA binding's own dispatch
+(csrc/cuda_forward.h), so the decode/prefill choice, layouts and workspace are covered too.
+Real-GPU checks are in test_cuda_gpu.py."""
 import math
 
 import pytest
@@ -9,6 +11,8 @@ import torch
 
 import cuda_emulation
 from oracle import oracle_prefix_attention
+
+pytestmark = pytest.mark.slow  # compiles the kernels with the host compiler first (about a minute)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,7 @@ DECODE_CASES = [
 def test_decode_kernel_matches_oracle(emulated, name, shape, causal, splits, extra, dtype):
     tensors, kwargs = _case(*shape, dtype, **extra)
     scale = shape[-1] ** -0.5
-    out, lse = emulated.decode_forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"],
+    out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"],
                                        kwargs["key_padding_mask"], causal, scale, splits, 4)
     _check(out, lse, tensors, kwargs, causal, dtype)
 
@@ -84,7 +88,7 @@ def test_decode_rows_that_see_nothing_get_zeros_and_minus_inf(emulated):
     padding = torch.tensor([[False] * 20, [True] * 20])
     tensors, kwargs = _case(2, 2, 2, 1, 20, 1, 4, 64, torch.bfloat16, prompt_ids=[-1, 0], padding=padding)
     for splits in (1, 2):
-        out, lse = emulated.decode_forward(*tensors, kwargs["prompt_ids"], None, padding, True, 0.125, splits, 1)
+        out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], None, padding, True, 0.125, splits, 1)
         assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
         _check(out, lse, tensors, kwargs, True, torch.bfloat16)
 
@@ -92,9 +96,25 @@ def test_decode_rows_that_see_nothing_get_zeros_and_minus_inf(emulated):
 def test_decode_out_of_range_prompt_gives_nan_rows_not_a_crash(emulated):
     tensors, _ = _case(2, 2, 1, 1, 16, 2, 4, 64, torch.bfloat16)
     for splits in (1, 2):
-        out, lse = emulated.decode_forward(*tensors, torch.tensor([0, 7]), None, None, True, 0.125, splits, 1)
+        out, lse = emulated.forward(*tensors, torch.tensor([0, 7]), None, None, True, 0.125, splits, 1)
         assert torch.isnan(out[1].float()).all() and torch.isnan(lse[1]).all()
         assert torch.isfinite(out[0].float()).all()
+
+
+def test_cases_cover_both_sides_of_the_decode_prefill_choice(emulated):
+    limit = emulated.decode_max_queries()
+    assert limit == 16
+    assert max(case[1][3] for case in DECODE_CASES) == limit  # Lq = 16 still decodes
+    assert min(case[1][3] for case in PREFILL_CASES) > limit
+
+
+def test_dispatch_rejects_what_the_kernels_cannot_run(emulated):
+    tensors, _ = _case(1, 2, 1, 1, 8, 1, 2, 64, torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        emulated.forward(*(t.float() for t in tensors), None, None, None, True, 0.1, 0, 4)
+    tensors, _ = _case(1, 2, 1, 1, 8, 1, 2, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="head dims 64, 128 and 256"):
+        emulated.forward(*tensors, None, None, None, True, 0.1, 0, 4)
 
 
 def test_decode_plan_fills_the_gpu_and_keeps_splits_long(emulated):
@@ -121,16 +141,16 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("name, shape, causal, extra", PREFILL_CASES, ids=[c[0] for c in PREFILL_CASES])
 def test_prefill_kernel_matches_oracle(emulated, name, shape, causal, extra, dtype):
     tensors, kwargs = _case(*shape, dtype, **extra)
-    out, lse = emulated.prefill_forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"],
-                                        kwargs["key_padding_mask"], causal, shape[-1] ** -0.5)
+    out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"],
+                                        kwargs["key_padding_mask"], causal, shape[-1] ** -0.5, 0, 4)
     _check(out, lse, tensors, kwargs, causal, dtype, probabilities_rounded=True)
 
 
 def test_prefill_rows_that_see_nothing_and_bad_prompts(emulated):
     padding = torch.tensor([[False] * 18, [True] * 18, [True] * 18])
     tensors, kwargs = _case(3, 2, 1, 18, 18, 1, 4, 64, torch.bfloat16, prompt_ids=[-1, 0, 0], padding=padding)
-    out, lse = emulated.prefill_forward(*tensors, kwargs["prompt_ids"], None, padding, False, 0.125)
+    out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], None, padding, False, 0.125, 0, 4)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
     _check(out, lse, tensors, kwargs, False, torch.bfloat16, probabilities_rounded=True)
-    out, lse = emulated.prefill_forward(*tensors, torch.tensor([0, 3, -1]), None, None, True, 0.125)
+    out, lse = emulated.forward(*tensors, torch.tensor([0, 3, -1]), None, None, True, 0.125, 0, 4)
     assert torch.isnan(out[1].float()).all() and torch.isfinite(out[0].float()).all()

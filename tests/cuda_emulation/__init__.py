@@ -1,8 +1,10 @@
 """The CUDA kernels compiled for the CPU with a SIMT emulator (see simt_emulation.h).
 
 ``load()`` builds them once per machine with torch's cpp_extension (about a minute) and
-returns the module; tests compare its outputs with the float64 oracle, so the kernels'
-logic is checked on every CI run although no GPU is present.
+returns the module. Its ``forward`` is the CUDA binding's own dispatch (csrc/cuda_forward.h:
+decode for Lq <= 16, prefill above, layouts, workspace) on CPU tensors; tests compare its
+outputs with the float64 oracle, so the kernels' logic and the dispatch around them are
+checked on every CI run although no GPU is present.
 """
 import os
 
