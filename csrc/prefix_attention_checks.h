@@ -73,9 +73,13 @@ inline PreparedInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, c
   in.B = q.size(0), in.Hq = q.size(1), in.Lq = q.size(2), in.D = q.size(3);
   in.Hkv = k.size(1), in.Lk = k.size(2), in.P = prefix_k.size(0), in.K = prefix_k.size(2);
   TORCH_CHECK_VALUE(in.D >= 1, "q must have a head dimension of at least 1, got shape ", q.sizes());
+  // k and v each against q first, so that the message names the tensor that is wrong
   TORCH_CHECK_VALUE(k.size(0) == in.B && k.size(3) == in.D, "k must have shape [B=", in.B,
                     ", Hkv, Lk, D=", in.D, "], got ", k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(v.size(0) == in.B && v.size(3) == in.D, "v must have shape [B=", in.B,
+                    ", Hkv, Lk, D=", in.D, "], got ", v.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "k and v must have the same shape [B, Hkv, Lk, D], got k ",
+                    k.sizes(), " and v ", v.sizes());
   TORCH_CHECK_VALUE(in.Hkv >= 1 && in.Hq % in.Hkv == 0, "q heads (", in.Hq,
                     ") must be a multiple of k heads (", in.Hkv, ")");
   TORCH_CHECK_VALUE(in.Lq <= in.Lk, "q length (", in.Lq, ") must not exceed k length (", in.Lk, ")");

@@ -124,7 +124,7 @@ def validate_prefix_attention_args(
     key_padding_mask=None,
     scale=None,
 ) -> PrefixAttentionInputs:
-    """Checks the op contract of DESIGN.md section 2 and returns the validated inputs."""
+    """Checks the op contract of docs/DESIGN.md section 2 and returns the validated inputs."""
     q = _check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
     k = _check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
     v = _check_tensor(v, "v", 4, "[B, Hkv, Lk, D]")
@@ -143,10 +143,12 @@ def validate_prefix_attention_args(
     P, _, K, _ = prefix_k.shape
     if D < 1:
         _fail(f"q must have a head dimension D >= 1, got shape {tuple(q.shape)}")
-    if k.shape[0] != B or k.shape[3] != D:
-        _fail(f"k must have shape [B={B}, Hkv, Lk, D={D}], got {tuple(k.shape)}")
+    # k is checked against q and the prefix bank before v against k, so that a wrong k is named as k.
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != B or t.shape[3] != D:
+            _fail(f"{name} must have shape [B={B}, Hkv, Lk, D={D}] (q's batch and head dim), got {tuple(t.shape)}")
     if v.shape != k.shape:
-        _fail(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        _fail(_k_v_mismatch(k, v, prefix_k))
     if Hkv < 1 or Hq % Hkv != 0:
         _fail(f"q's head count Hq={Hq} must be a multiple of k's head count Hkv={Hkv}")
     if Lq > Lk:
@@ -178,6 +180,15 @@ def validate_prefix_attention_args(
     scale = _check_scale(scale, D)
     return PrefixAttentionInputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
                                  causal, scale)
+
+
+def _k_v_mismatch(k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor) -> str:
+    """Names the one of k and v that disagrees, where the prefix bank's head count tells which."""
+    heads = prefix_k.shape[1]
+    for name, t, other in (("k", k, "v"), ("v", v, "k")):
+        if t.shape[1] != heads and (v if name == "k" else k).shape[1] == heads:
+            return f"{name} must have Hkv={heads} heads like {other} and prefix_k, got shape {tuple(t.shape)}"
+    return f"k and v must have the same shape [B, Hkv, Lk, D], got k {tuple(k.shape)} and v {tuple(v.shape)}"
 
 
 def _check_scale(scale, head_dim: int) -> float:
