@@ -8,13 +8,23 @@ STAMP_DEPS := $(VENV)/.deps
 STAMP_BUILD := $(VENV)/.built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: bench test gpu-compile-check cuda-compile-check clean
+.PHONY: bench test test-quick package-check gpu-compile-check cuda-compile-check clean
 
 bench: $(STAMP_BUILD)
 	$(BIN)/softprompt-kernels bench
 
+# Everything that runs without a GPU (GPU tests skip, saying so).
 test: $(STAMP_BUILD)
 	$(BIN)/python -m pytest -q
+
+# The development tier: everything but the tests marked slow (emulator builds, interpreter sweeps,
+# torch.compile, multi-process DDP); a few minutes.
+test-quick: $(STAMP_BUILD)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The wheel and the sdist, each installed into a fresh venv and used from outside the checkout.
+package-check: $(STAMP_BUILD)
+	bash .ci/check_package.sh
 
 # Triton kernels compiled for sm_90 and sm_80 without a GPU (spills, shared memory, wgmma).
 gpu-compile-check: $(STAMP_BUILD)
@@ -25,14 +35,18 @@ cuda-compile-check:
 	bash .ci/nvcc_compile_check.sh
 
 $(STAMP_DEPS): requirements-dev.txt
+	@echo "==> creating $(VENV) (once; later runs reuse it)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install --upgrade pip
+	@echo "==> installing torch 2.13.0 (CPU build, from this machine's local wheel: a minute or two)"
+	$(BIN)/python -m pip install torch==2.13.0
+	@echo "==> installing the test and benchmark tools (requirements-dev.txt)"
+	$(BIN)/python -m pip install -r requirements-dev.txt
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) setup.py pyproject.toml $(CSRC)
-	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	@echo "==> building the C++ extension softprompt_kernels._C (a few minutes the first time)"
+	$(BIN)/python -m pip install --no-build-isolation -e .
 	touch $@
 
 clean:

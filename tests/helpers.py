@@ -106,6 +106,27 @@ def assert_matches_oracle(results, reference, rtol):
         assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"
 
 
+FLASH_FLOOR = 1e-3  # the rule's floor, relative to max(max|ref|, 1)
+
+
+def assert_flash_rule(name: str, ours: torch.Tensor, torch_same_dtype: torch.Tensor, reference: torch.Tensor):
+    """FlashAttention's tolerance rule (docs/DESIGN.md section 6), the one copy every test uses:
+
+    ``max|ours - ref| <= 2 * max|torch_same_dtype - ref| + FLASH_FLOOR * max(max|ref|, 1)``, with ``ref`` computed
+    in higher precision. Non-finite reference entries (lse -inf) must be non-finite in ``ours`` too and are left out.
+    """
+    reference = reference.double()
+    finite = torch.isfinite(reference)
+    assert torch.equal(torch.isfinite(ours.double()), finite), f"{name}: finite entries differ from the reference"
+    if not finite.any():
+        return
+    ref = reference[finite]
+    ours_err = (ours.double()[finite] - ref).abs().max().item()
+    base_err = (torch_same_dtype.double()[finite] - ref).abs().max().item()
+    floor = FLASH_FLOOR * max(ref.abs().max().item(), 1.0)
+    assert ours_err <= 2 * base_err + floor, f"{name}: {ours_err:.3e} > 2 * {base_err:.3e} (torch) + {floor:.1e}"
+
+
 def gpu_inputs(shape, dtype, seed=0, requires_grad=False):
     """CUDA inputs of a GPU test case ``(B, Hq, Hkv, Lq, Lk, P, K, D, causal, padded, multi_prompt)``:
     q/k/v in Hugging Face's layout ([B, L, H, D] viewed as [B, H, L, D]), prompt ids that include -1

@@ -63,6 +63,7 @@ def test_bf16_autocast(method):
         assert (a - b).norm() <= 0.1 * b.norm()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_torch_compile(method):
     torch._dynamo.reset()
@@ -162,6 +163,7 @@ def test_resume_from_plain_peft_directory(tmp_path):
         load_trainable(tiny_model("llama"), str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_ddp_two_processes_equal_one_process(method, tmp_path):
     """Two CPU processes (gloo, DistributedDataParallel), half the batch each, through torchrun."""

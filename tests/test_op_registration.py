@@ -1,4 +1,4 @@
-"""torch.library registration: opcheck, torch.compile(fullgraph=True), no copies of strided inputs."""
+"""torch.library registration: torch.compile(fullgraph=True), no copies of strided inputs (opcheck: test_opcheck.py)."""
 import pytest
 import torch
 
@@ -16,24 +16,6 @@ def _op_args(case, dtype=torch.float32):
     (q, k, v, pk, pv), kw = make_inputs(case, dtype=dtype)
     return (q, k, v, pk, pv, kw.get("prompt_ids"), kw.get("prefix_lens"), kw.get("key_padding_mask"),
             kw["causal"], 0.3)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
-def test_opcheck_forward_op(case, dtype):
-    torch.library.opcheck(torch.ops.softprompt_kernels.prefix_attention_fwd.default, _op_args(case, dtype))
-
-
-@pytest.mark.parametrize("wanted", [(True, True), (False, True), (True, False)], ids=str)
-def test_opcheck_backward_op(wanted):
-    args = _op_args(OPCHECK_CASES[0])
-    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(*detached)
-    grad_out = torch.randn_like(out)
-    q, k, v, pk, pv, ids, lens, mask, causal, scale = detached
-    torch.library.opcheck(torch.ops.softprompt_kernels.prefix_attention_bwd.default,
-                          (grad_out, torch.randn_like(lse), q, k, v, pk, pv, ids, lens, mask, out, lse, causal, scale,
-                           *wanted))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import Case, assert_matches_oracle, backend_results, oracle_results
+from helpers import Case, assert_flash_rule, assert_matches_oracle, backend_results, oracle_results
 
 CPU_BACKENDS = ["torch", "cpu", "triton"]  # triton runs in the interpreter on CPU tensors (conftest)
 
@@ -36,6 +36,11 @@ FIXED_CASES = [
 ]
 
 
+# The float64 oracle takes seconds on these: make test-quick leaves them out.
+SLOW_CASES = {"longer-than-one-key-block", "second-chunk-gathers-prefix-tail-and-keys"}
+CASE_PARAMS = [pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW_CASES else c for c in FIXED_CASES]
+
+
 @pytest.fixture(scope="module")
 def oracle_cache():
     return {}
@@ -48,7 +53,7 @@ def _oracle(cache, case):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", FIXED_CASES, ids=str)
+@pytest.mark.parametrize("case", CASE_PARAMS, ids=str)
 def test_float32_matches_oracle(case, backend, oracle_cache):
     assert_matches_oracle(backend_results(case, backend, torch.float32), _oracle(oracle_cache, case), rtol=1e-5)
 
@@ -67,10 +72,7 @@ def test_low_precision_cpu_kernel_within_torch_error(case, dtype, oracle_cache):
     ours = backend_results(case, "cpu", dtype)
     baseline = backend_results(case, "torch", dtype)
     for name, a, b, ref in zip(["out", "lse", "dq", "dk", "dv", "dpk", "dpv"], ours, baseline, reference):
-        finite = torch.isfinite(ref)
-        ours_err = (a.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
-        base_err = (b.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
-        assert ours_err <= 2 * base_err + 1e-3, f"{name}: {ours_err:.3e} vs torch {base_err:.3e}"
+        assert_flash_rule(name, a, b, ref)
 
 
 @pytest.mark.parametrize("case", [Case(2, 4, 2, 6, 6, 1, 3, 8, causal=False, name="blas-rows"),

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # compiles the kernels with the host compiler first (about a minute)
+
 ROOT = Path(__file__).resolve().parent.parent
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DTYPES = list(CODES)

@@ -102,6 +102,7 @@ def test_overload_is_answered_with_503():
         server.stop()
 
 
+@pytest.mark.slow
 def test_cli_serve_on_loopback(tmp_path):
     base = tiny_model("llama")
     base.save_pretrained(str(tmp_path / "model"))
