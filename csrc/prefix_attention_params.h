@@ -1,7 +1,7 @@
 // Plain parameter structs shared by every prefix-attention kernel (CPU and CUDA).
 //
 // No torch headers here: the CUDA kernels include this file and are compiled
-// without torch (see DESIGN.md section 5). The one file that touches torch
+// without torch (see docs/DESIGN.md section 5). The one file that touches torch
 // (bindings.cpp) fills these structs from tensors after validating them.
 //
 // Shapes (strides are in elements; the last dimension is always contiguous):

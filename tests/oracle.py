@@ -1,6 +1,6 @@
 """An independent float64 statement of prefix attention, for tests only.
 
-Written query by query from the contract in DESIGN.md section 2 (explicit lists of
+Written query by query from the contract in docs/DESIGN.md section 2 (explicit lists of
 visible keys, no masks, no concatenation of the whole batch), so that it shares no
 code and no structure with any backend. Gradients come from autograd through it.
 """
