@@ -44,9 +44,10 @@ inline std::tuple<at::Tensor, at::Tensor, int> cuda_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double scale, const CudaForwardTarget& target) {
+    bool causal, double scale, std::optional<int64_t> window, std::optional<double> softcap,
+    const std::optional<at::Tensor>& sinks, const CudaForwardTarget& target) {
   PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                                     key_padding_mask, causal, scale, target.device_type);
+                                     key_padding_mask, causal, scale, target.device_type, window, softcap, sinks);
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf,
                    "the cuda backend takes bfloat16 or float16 q, got ", dtype,
@@ -68,6 +69,9 @@ inline std::tuple<at::Tensor, at::Tensor, int> cuda_forward(
   set_forward_outputs(params, out, lse);
   const auto half = dtype == at::kBFloat16 ? cuda::HalfType::kBFloat16 : cuda::HalfType::kFloat16;
   if (in.Lq > cuda::kDecodeMaxQueries) {
+    TORCH_CHECK_VALUE(in.window == 0 && in.softcap == 0 && !in.sinks.defined(),
+                      "the cuda prefill kernel (Lq > ", cuda::kDecodeMaxQueries, ") has no window, softcap or "
+                      "sinks: use backend='triton' (auto does)");
     return {out, lse, cuda::launch_prefix_prefill(params, half, target.stream)};
   }
   cuda::DecodeParams decode{};

@@ -21,6 +21,9 @@ struct PreparedInputs {
   int64_t B, Hq, Hkv, Lq, Lk, P, K, D;
   bool causal;
   double scale;
+  int64_t window = 0;   // 0: no sliding window
+  double softcap = 0;   // 0: no soft-capping
+  at::Tensor sinks;     // [Hq] contiguous in the accumulation dtype, or undefined
 };
 
 struct PreparedGradInputs {
@@ -58,7 +61,10 @@ inline PreparedInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, c
                                      const std::optional<at::Tensor>& prompt_ids,
                                      const std::optional<at::Tensor>& prefix_lens,
                                      const std::optional<at::Tensor>& key_padding_mask,
-                                     bool causal, double scale, at::DeviceType device_type) {
+                                     bool causal, double scale, at::DeviceType device_type,
+                                     std::optional<int64_t> window = std::nullopt,
+                                     std::optional<double> softcap = std::nullopt,
+                                     const std::optional<at::Tensor>& sinks = std::nullopt) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                        dtype == at::kHalf,
@@ -89,6 +95,23 @@ inline PreparedInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, c
   TORCH_CHECK_VALUE(prefix_v.sizes() == prefix_k.sizes(), "prefix_v must have prefix_k's shape ",
                     prefix_k.sizes(), ", got ", prefix_v.sizes());
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  if (window.has_value()) {
+    TORCH_CHECK_VALUE(*window >= 1, "window must be >= 1, got ", *window);
+    in.window = *window;
+  }
+  if (softcap.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(*softcap) && *softcap > 0, "softcap must be finite and > 0, got ", *softcap);
+    in.softcap = *softcap;
+  }
+  if (sinks.has_value()) {
+    TORCH_CHECK_TYPE(at::isFloatingType(sinks->scalar_type()), "sinks must be floating point, got ",
+                     sinks->scalar_type());
+    TORCH_CHECK_VALUE(sinks->dim() == 1 && sinks->size(0) == in.Hq, "sinks must have shape [Hq=", in.Hq,
+                      "], got ", sinks->sizes());
+    TORCH_CHECK_VALUE(sinks->device() == q.device(), "sinks must be on q's device ", q.device(), ", got ",
+                      sinks->device());
+    in.sinks = sinks->to(accumulation_dtype(dtype)).contiguous();
+  }
 
   if (prompt_ids.has_value()) {
     const auto& ids = *prompt_ids;
@@ -183,6 +206,9 @@ inline PrefixAttentionParams make_params(const PreparedInputs& in) {
   p.num_prompts = in.P, p.prefix_slots = in.K, p.head_dim = in.D;
   p.causal = in.causal;
   p.scale = in.scale;
+  p.window = in.window;
+  p.softcap = in.softcap;
+  p.sinks = in.sinks.defined() ? in.sinks.data_ptr() : nullptr;
   return p;
 }
 

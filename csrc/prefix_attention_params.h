@@ -11,6 +11,7 @@
 //   prompt_ids  [B]   int64 in [-1, P), or null: every row uses prompt 0
 //   prefix_lens [P]   int64 in [0, K],  or null: every prompt uses all K slots
 //   key_padding_mask [B, Lk] bool (true = real token), or null: no padding
+//   sinks       [Hq]  accumulation dtype, or null: one extra softmax logit per q head (no value)
 //   out         [B, Hq, Lq, D]      same dtype as q
 //   lse         [B, Hq, Lq]         accumulation dtype, natural log, -inf when nothing is visible
 #pragma once
@@ -45,6 +46,18 @@ struct PrefixAttentionParams {
   int64_t batch, heads_q, heads_kv, len_q, len_k, num_prompts, prefix_slots, head_dim;
   bool causal;
   double scale;
+  // Modern-attention features (docs/DESIGN.md section 2); 0 / null when off.
+  int64_t window;       // sliding window: key visible iff index(query) - index(key) < window
+  double softcap;       // score <- softcap * tanh(score / softcap), after scaling
+  const void* sinks;    // [Hq], accumulation dtype: one extra logit per q head in the softmax normaliser
+
+  // Index of query i among the keys (bottom-right aligned); sequence key j has index j and prefix
+  // slot s of a prompt with n valid slots index s - n (the prefix right before the text).
+  inline int64_t query_index(int64_t i) const { return i + (len_k - len_q); }
+  // The smallest key index query i may see through the window (no bound without one).
+  inline int64_t window_first_index(int64_t i) const {
+    return window > 0 ? query_index(i) - window + 1 : INT64_MIN / 2;
+  }
 
   // Prefix length of prompt `p` (all slots when no lengths are given).
   inline int64_t prefix_len(int64_t p) const {

@@ -1,7 +1,8 @@
 """The C++ extension: its ops' fake kernels and autograd (schemas live in csrc/bindings.cpp), and the
 ``cpu`` backend of ``prefix_attention`` (the ``cuda`` backend, cuda_backend.py, calls the same op).
 
-``torch.ops.softprompt_kernels.prefix_attention_fwd`` returns ``(out, lse)``;
+``torch.ops.softprompt_kernels.prefix_attention_fwd`` returns ``(out, lse)`` (window, softcap and sinks
+optional: docs/DESIGN.md section 2);
 ``prefix_attention_bwd`` returns the five gradients (those that ``seq_grads=False`` or
 ``prefix_grads=False`` turn off come back empty, shape [0]). With the fake kernels below,
 ``torch.compile(fullgraph=True)`` traces through the op and ``opcheck`` passes.
@@ -39,14 +40,15 @@ def _bshd_like(shape, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((B, L, H, D)).transpose(1, 2)
 
 
-def forward_fake(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale):
+def forward_fake(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale, window=None,
+                 softcap=None, sinks=None):
     """Shapes of a prefix-attention forward op's (out, lse); every backend's op pair has this contract."""
     B, Hq, Lq, _ = q.shape
     return _bshd_like(q.shape, q), q.new_empty((B, Hq, Lq), dtype=accumulation_dtype(q.dtype))
 
 
 def backward_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out,
-                  lse, causal, scale, seq_grads=True, prefix_grads=True):
+                  lse, causal, scale, seq_grads=True, prefix_grads=True, window=None, softcap=None):
     """Shapes of a backward op's five gradients; ``seq_grads`` / ``prefix_grads`` False turn those into empty [0]."""
     seq = ((_bshd_like(q.shape, q), _bshd_like(k.shape, k), _bshd_like(v.shape, v)) if seq_grads
            else (q.new_empty(0), q.new_empty(0), q.new_empty(0)))
@@ -58,18 +60,10 @@ def backward_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, p
 
 if _C is not None:
 
-    @torch.library.register_fake("softprompt_kernels::prefix_attention_fwd")
-    def _fwd_fake(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale):
-        return forward_fake(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale)
+    torch.library.register_fake("softprompt_kernels::prefix_attention_fwd", forward_fake)
+    torch.library.register_fake("softprompt_kernels::prefix_attention_bwd", backward_fake)
 
-    @torch.library.register_fake("softprompt_kernels::prefix_attention_bwd")
-    def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                  key_padding_mask, out, lse, causal, scale, seq_grads=True, prefix_grads=True):
-        return backward_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                             key_padding_mask, out, lse, causal, scale, seq_grads, prefix_grads)
-
-    _backward, _setup_context = prefix_attention_autograd(torch.ops.softprompt_kernels.prefix_attention_bwd,
-                                                          input_mask=True)
+    _backward, _setup_context = prefix_attention_autograd(torch.ops.softprompt_kernels.prefix_attention_bwd)
     torch.library.register_autograd("softprompt_kernels::prefix_attention_fwd", _backward,
                                     setup_context=_setup_context)
 
@@ -78,7 +72,8 @@ def run_extension_op(inputs, return_lse: bool):
     """The C++ extension's op (its CPU or CUDA kernel, chosen by the dispatcher from the device)."""
     out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(
         inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids,
-        inputs.prefix_lens, inputs.key_padding_mask, inputs.causal, inputs.scale)
+        inputs.prefix_lens, inputs.key_padding_mask, inputs.causal, inputs.scale, inputs.window, inputs.softcap,
+        inputs.sinks)
     return out, (lse if return_lse else None)
 
 

@@ -43,6 +43,9 @@ class PrefixAttentionInputs:
     key_padding_mask: Optional[torch.Tensor]  # [B, Lk] bool
     causal: bool
     scale: float
+    window: Optional[int] = None  # sliding window (docs/DESIGN.md section 2), >= 1
+    softcap: Optional[float] = None  # logit soft-capping, > 0
+    sinks: Optional[torch.Tensor] = None  # [Hq] floating, one extra softmax logit per q head
 
     @property
     def batch(self) -> int:
@@ -123,6 +126,9 @@ def validate_prefix_attention_args(
     causal=True,
     key_padding_mask=None,
     scale=None,
+    window=None,
+    softcap=None,
+    sinks=None,
 ) -> PrefixAttentionInputs:
     """Checks the op contract of docs/DESIGN.md section 2 and returns the validated inputs."""
     q = _check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
@@ -178,8 +184,37 @@ def validate_prefix_attention_args(
     if not isinstance(causal, bool):
         raise InvalidDtypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(scale, D)
+    window = _check_window(window)
+    softcap = _check_softcap(softcap)
+    if sinks is not None:
+        sinks = _check_tensor(sinks, "sinks", 1, "[Hq]")
+        if not sinks.dtype.is_floating_point:
+            raise InvalidDtypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+        if sinks.shape[0] != Hq:
+            _fail(f"sinks must have shape [Hq={Hq}] (one logit per q head), got {tuple(sinks.shape)}")
+        _check_same_device(sinks, "sinks", q)
     return PrefixAttentionInputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
-                                 causal, scale)
+                                 causal, scale, window, softcap, sinks)
+
+
+def _check_window(window) -> Optional[int]:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise InvalidDtypeError(f"window must be a positive int or None, got {type(window).__name__}")
+    if window < 1:
+        _fail(f"window must be >= 1 (a query sees keys less than window positions before it), got {window}")
+    return int(window)
+
+
+def _check_softcap(softcap) -> Optional[float]:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise InvalidDtypeError(f"softcap must be a positive real number or None, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap <= 0:
+        _fail(f"softcap must be finite and > 0, got {softcap}")
+    return float(softcap)
 
 
 def _k_v_mismatch(k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor) -> str:

@@ -23,6 +23,9 @@ def prefix_attention(
     causal: bool = True,
     key_padding_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -40,6 +43,13 @@ def prefix_attention(
             aligned, so decoding and chunked prefill are the same op). The prefix is never masked.
         key_padding_mask: bool ``[B, Lk]``, ``True`` = real token; any padding pattern.
         scale: softmax scale, default ``D ** -0.5``.
+        window: sliding window ``>= 1``: a key is visible only if ``index(query) - index(key) < window``,
+            with query ``i`` at ``i + Lk - Lq``, sequence key ``j`` at ``j`` and prefix slot ``s`` of a prompt
+            of ``n`` valid slots at ``s - n`` (the prefix right before the text, as in PEFT's cache).
+        softcap: ``> 0``: scores become ``softcap * tanh(score / softcap)`` after scaling (prefix keys too).
+        sinks: ``[Hq]`` floating: one extra logit per q head in the softmax normaliser, with no value
+            (attention sinks, gpt-oss); differentiable. A query that sees no key then gets zeros and lse
+            equal to its sink.
         return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` (float32; float64 for float64 inputs),
             ``-inf`` for a query that sees no key. It is differentiable.
         backend: ``"auto"`` (fastest supported), ``"torch"``, ``"cpu"`` or another name from
@@ -55,7 +65,7 @@ def prefix_attention(
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     check_backend_name(backend)
     inputs = validate_prefix_attention_args(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, causal,
-                                            key_padding_mask, scale)
+                                            key_padding_mask, scale, window, softcap, sinks)
     chosen = select_backend("prefix_attention", inputs, backend)
     check_index_values(inputs)
     out, lse = chosen.run(inputs, return_lse)

@@ -50,6 +50,10 @@ class CudaBackend(Backend):
         if inputs.head_dim not in HEAD_DIMS:
             reasons.append(f"the cuda backend supports head dims {HEAD_DIMS}, got {inputs.head_dim} "
                            "(backend='triton' serves other head dims)")
+        features = [name for name in ("window", "softcap", "sinks") if getattr(inputs, name) is not None]
+        if features and inputs.len_q > DECODE_MAX_QUERIES:
+            reasons.append(f"the cuda prefill kernel (Lq > {DECODE_MAX_QUERIES}) has no {', '.join(features)} "
+                           "(backend='triton' has)")
         if _needs_grad(inputs):
             reasons.append("the cuda backend is forward-only: use backend='triton' (or 'auto') for training")
         return reasons

@@ -5,8 +5,9 @@ of the row's keys and values, the kv heads are repeated for grouped-query attent
 (as Hugging Face's ``repeat_kv`` does when a mask is given), and one masked SDPA call
 does the rest. Autograd keeps the concatenated copies for backward. This is the
 baseline of every benchmark and, run in float64 on the CPU, a readable statement of
-the math. When the log-sum-exp is asked for, an explicit masked softmax is used
-instead of SDPA (which does not return it).
+the math. When the log-sum-exp is asked for, or logits are soft-capped, or there are
+attention sinks, an explicit masked softmax is used instead of SDPA (which does none of
+these), as Hugging Face's eager attention does.
 """
 from __future__ import annotations
 
@@ -25,17 +26,23 @@ def visibility_mask(inputs: PrefixAttentionInputs) -> torch.Tensor:
     B, Lq, Lk, K = inputs.batch, inputs.len_q, inputs.len_k, inputs.prefix_slots
     device = inputs.device
     key_pos = torch.arange(Lk, device=device)
+    query_pos = torch.arange(Lq, device=device) + (Lk - Lq)  # bottom-right aligned
     if inputs.causal:
-        query_pos = torch.arange(Lq, device=device) + (Lk - Lq)
         seq_visible = (key_pos[None, :] <= query_pos[:, None])[None].expand(B, Lq, Lk)
     else:
         seq_visible = torch.ones(B, Lq, Lk, dtype=torch.bool, device=device)
+    if inputs.window is not None:
+        seq_visible = seq_visible & (query_pos[:, None] - key_pos[None, :] < inputs.window)[None]
     if inputs.key_padding_mask is not None:
         seq_visible = seq_visible & inputs.key_padding_mask[:, None, :]
     if not _has_prefix(inputs):
         return seq_visible
-    slots = _prefix_slot_mask(inputs)  # [B, K]
-    return torch.cat([slots[:, None, :].expand(B, Lq, K), seq_visible], dim=2)
+    slots = _prefix_slot_mask(inputs)[:, None, :].expand(B, Lq, K)  # [B, Lq, K]
+    if inputs.window is not None:
+        # prefix slot s of a prompt of length n sits at position s - n, right before the text
+        slot_pos = torch.arange(K, device=device)[None, :] - _row_prefix_lens(inputs)[:, None]  # [B, K]
+        slots = slots & (query_pos[None, :, None] - slot_pos[:, None, :] < inputs.window)
+    return torch.cat([slots, seq_visible], dim=2)
 
 
 def _has_prefix(inputs: PrefixAttentionInputs) -> bool:
@@ -48,17 +55,20 @@ def _row_prompts(inputs: PrefixAttentionInputs) -> torch.Tensor:
     return torch.zeros(inputs.batch, dtype=torch.long, device=inputs.device)
 
 
-def _prefix_slot_mask(inputs: PrefixAttentionInputs) -> torch.Tensor:
-    """[B, K] bool: slot s of row b's prompt is used."""
-    B, K = inputs.batch, inputs.prefix_slots
+def _row_prefix_lens(inputs: PrefixAttentionInputs) -> torch.Tensor:
+    """[B] long: the number of valid slots of each row's prompt (0 for rows without one)."""
     ids = _row_prompts(inputs)
-    has_prompt = ids >= 0
     if inputs.prefix_lens is None:
-        lens = torch.full((B,), K, dtype=torch.long, device=inputs.device)
+        lens = torch.full((inputs.batch,), inputs.prefix_slots, dtype=torch.long, device=inputs.device)
     else:
         lens = inputs.prefix_lens.long()[ids.clamp(min=0)]
-    slots = torch.arange(K, device=inputs.device)
-    return has_prompt[:, None] & (slots[None, :] < lens[:, None])
+    return torch.where(ids >= 0, lens, 0)
+
+
+def _prefix_slot_mask(inputs: PrefixAttentionInputs) -> torch.Tensor:
+    """[B, K] bool: slot s of row b's prompt is used."""
+    slots = torch.arange(inputs.prefix_slots, device=inputs.device)
+    return slots[None, :] < _row_prefix_lens(inputs)[:, None]
 
 
 def _expanded_prefix(prefix: torch.Tensor, inputs: PrefixAttentionInputs) -> torch.Tensor:
@@ -91,8 +101,10 @@ def prefix_attention_torch(
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
     mask = visibility_mask(inputs)[:, None]  # [B, 1, Lq, K + Lk]
-    if return_lse:
-        return _explicit_softmax_attention(inputs.q, keys, values, mask, inputs.scale, dropout_p)
+    if return_lse or inputs.softcap is not None or inputs.sinks is not None:
+        out, lse = _explicit_softmax_attention(inputs.q, keys, values, mask, inputs.scale, dropout_p, inputs.softcap,
+                                               inputs.sinks)
+        return out, (lse if return_lse else None)
     # A query that sees nothing gets a dummy all-visible row, then zeros: SDPA would give NaN.
     sees_any = mask.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(inputs.q, keys, values, attn_mask=mask | ~sees_any,
@@ -100,11 +112,17 @@ def prefix_attention_torch(
     return out.masked_fill(~sees_any, 0.0), None
 
 
-def _explicit_softmax_attention(q, keys, values, mask, scale, dropout_p=0.0):
+def _explicit_softmax_attention(q, keys, values, mask, scale, dropout_p=0.0, softcap=None, sinks=None):
     acc = accumulation_dtype(q.dtype)
     scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
+    if sinks is None:
+        lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
+    else:  # one more logit per head in the normaliser, with no value: lse = the sink when nothing is visible
+        sink = sinks.to(acc)[None, :, None, None].expand(*scores.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
     finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - finite_lse[..., None])
     if dropout_p > 0.0:

@@ -24,6 +24,9 @@ class Case:
     padding: Optional[List[List[int]]] = None  # per row: 1 = real token, 0 = padding (length Lk)
     seed: int = 0
     name: str = field(default="")
+    window: Optional[int] = None
+    softcap: Optional[float] = None
+    sinks: bool = False  # one seeded sink logit per q head (a differentiable input)
 
     def __str__(self):
         return self.name or (f"B{self.B}-H{self.Hq}/{self.Hkv}-Lq{self.Lq}-Lk{self.Lk}-P{self.P}-K{self.K}"
@@ -48,6 +51,12 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", requires_grad=Tru
         kwargs["prefix_lens"] = torch.tensor(case.prefix_lens, dtype=torch.long, device=device)
     if case.padding is not None:
         kwargs["key_padding_mask"] = torch.tensor(case.padding, dtype=torch.bool, device=device)
+    if case.window is not None:
+        kwargs["window"] = case.window
+    if case.softcap is not None:
+        kwargs["softcap"] = case.softcap
+    if case.sinks:
+        kwargs["sinks"] = rand(case.Hq)
     return tensors, kwargs
 
 
@@ -57,7 +66,8 @@ def upstream_grad(shape, seed=123, dtype=torch.float64, device="cpu"):
 
 
 def run_with_grads(fn, tensors, kwargs, use_lse=True):
-    """Runs fn(*tensors, **kwargs, return_lse=True); returns [out, lse, dq, dk, dv, dprefix_k, dprefix_v].
+    """Runs fn(*tensors, **kwargs, return_lse=True); returns [out, lse, dq, dk, dv, dprefix_k, dprefix_v]
+    and, when kwargs holds sinks, their gradient last.
 
     The loss uses the output and (finite part of) the lse, so the lse gradient path is covered too.
     """
@@ -67,12 +77,13 @@ def run_with_grads(fn, tensors, kwargs, use_lse=True):
         finite = torch.isfinite(lse)
         weights = upstream_grad(lse.shape, seed=7, device=lse.device)
         loss = loss + (torch.where(finite, lse.double(), torch.zeros_like(lse.double())) * weights).sum()
-    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+    leaves = list(tensors) + ([kwargs["sinks"]] if kwargs.get("sinks") is not None else [])
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
     return [out.detach(), lse.detach()] + [g.detach() for g in grads]
 
 
-NAMES = ["out", "lse", "grad_q", "grad_k", "grad_v", "grad_prefix_k", "grad_prefix_v"]
+NAMES = ["out", "lse", "grad_q", "grad_k", "grad_v", "grad_prefix_k", "grad_prefix_v", "grad_sinks"]
 
 
 def oracle_results(case: Case):
@@ -101,6 +112,7 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_matches_oracle(results, reference, rtol):
+    assert len(results) == len(reference)
     for name, actual, expected in zip(NAMES, results, reference):
         err = max_relative_error(actual, expected)
         assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"

@@ -7,19 +7,33 @@ code and no structure with any backend. Gradients come from autograd through it.
 import torch
 
 
-def visible_sequence_keys(b, i, len_q, len_k, causal, key_padding_mask):
+def in_window(query_index, key_index, window):
+    return window is None or query_index - key_index < window
+
+
+def visible_sequence_keys(b, i, len_q, len_k, causal, key_padding_mask, window=None):
     keys = []
+    query_index = i + (len_k - len_q)
     for j in range(len_k):
         if key_padding_mask is not None and not bool(key_padding_mask[b, j]):
             continue
-        if causal and j > i + (len_k - len_q):
+        if causal and j > query_index:
+            continue
+        if not in_window(query_index, j, window):
             continue
         keys.append(j)
     return keys
 
 
+def visible_prefix_slots(i, len_q, len_k, n_slots, window=None):
+    """Slot s of a prompt with n_slots valid slots sits at index s - n_slots, right before the text."""
+    query_index = i + (len_k - len_q)
+    return [s for s in range(n_slots) if in_window(query_index, s - n_slots, window)]
+
+
 def oracle_prefix_attention(q, k, v, prefix_k, prefix_v, prompt_ids=None, prefix_lens=None, causal=True,
-                            key_padding_mask=None, scale=None, return_lse=True):
+                            key_padding_mask=None, scale=None, window=None, softcap=None, sinks=None,
+                            return_lse=True):
     """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq]) in float64."""
     q, k, v, prefix_k, prefix_v = (t.double() for t in (q, k, v, prefix_k, prefix_v))
     B, Hq, Lq, D = q.shape
@@ -37,16 +51,21 @@ def oracle_prefix_attention(q, k, v, prefix_k, prefix_v, prompt_ids=None, prefix
         for h in range(Hq):
             kv_head = h // group
             out_q, lse_q = [], []
+            sink = None if sinks is None else sinks[h].double()
             for i in range(Lq):
-                seq = visible_sequence_keys(b, i, Lq, Lk, causal, key_padding_mask)
-                keys = [prefix_k[prompt, kv_head, s] for s in range(n_slots)] + [k[b, kv_head, j] for j in seq]
-                values = [prefix_v[prompt, kv_head, s] for s in range(n_slots)] + [v[b, kv_head, j] for j in seq]
+                seq = visible_sequence_keys(b, i, Lq, Lk, causal, key_padding_mask, window)
+                slots = visible_prefix_slots(i, Lq, Lk, n_slots, window)
+                keys = [prefix_k[prompt, kv_head, s] for s in slots] + [k[b, kv_head, j] for j in seq]
+                values = [prefix_v[prompt, kv_head, s] for s in slots] + [v[b, kv_head, j] for j in seq]
                 if not keys:
                     out_q.append(q.new_zeros(D) * q[b, h, i])  # keeps the graph: zero gradient
-                    lse_q.append(q.new_tensor(float("-inf")))
+                    lse_q.append(q.new_tensor(float("-inf")) if sink is None else sink * 1.0)
                     continue
                 scores = torch.stack(keys) @ q[b, h, i] * scale
-                lse = torch.logsumexp(scores, dim=0)
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                logits = scores if sink is None else torch.cat([scores, sink[None]])
+                lse = torch.logsumexp(logits, dim=0)
                 out_q.append(torch.exp(scores - lse) @ torch.stack(values))
                 lse_q.append(lse)
             out_heads.append(torch.stack(out_q) if out_q else q.new_zeros(0, D))

@@ -84,6 +84,31 @@ def test_decode_kernel_matches_oracle(emulated, name, shape, causal, splits, ext
     _check(out, lse, tensors, kwargs, causal, dtype)
 
 
+FEATURES = {"window-5": dict(window=5), "window-70": dict(window=70), "softcap": dict(softcap=0.5),
+            "sinks": dict(sinks=True), "all": dict(window=9, softcap=2.0, sinks=True)}
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("name, shape, causal, _, extra", [DECODE_CASES[1], DECODE_CASES[2], DECODE_CASES[4]],
+                         ids=[DECODE_CASES[i][0] for i in (1, 2, 4)])
+def test_decode_kernel_features_match_oracle(emulated, name, shape, causal, _, extra, feature, splits):
+    """Sliding window (tiles before the reach skipped, per-query masks), soft-capping and sinks (in the
+    single split's epilogue and in the combine pass)."""
+    tensors, kwargs = _case(*shape, torch.bfloat16, **extra)
+    features = dict(FEATURES[feature])
+    if features.pop("sinks", False):
+        features["sinks"] = torch.randn(shape[1], generator=torch.Generator().manual_seed(9))
+    out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"], kwargs["key_padding_mask"],
+                                causal, shape[-1] ** -0.5, splits, 4, **features)
+    if "sinks" in features:  # a query that sees nothing has lse = its sink, not -inf
+        ref_out, ref_lse = oracle_prefix_attention(*tensors, causal=causal, **kwargs, **features)
+        assert (out.double() - ref_out).abs().max().item() <= 1e-2
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-4)
+    else:
+        _check(out, lse, tensors, dict(kwargs, **features), causal, torch.bfloat16)
+
+
 def test_decode_rows_that_see_nothing_get_zeros_and_minus_inf(emulated):
     padding = torch.tensor([[False] * 20, [True] * 20])
     tensors, kwargs = _case(2, 2, 2, 1, 20, 1, 4, 64, torch.bfloat16, prompt_ids=[-1, 0], padding=padding)

@@ -50,6 +50,25 @@ def test_decode_flash_attention_tolerance_rule(shape, dtype):
     _assert_flash_rule(shape, dtype)
 
 
+@pytest.mark.parametrize("features", [dict(window=300), dict(softcap=3.0), dict(window=50, softcap=2.0, sinks=True)],
+                         ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("shape", [DECODE_SHAPES[1], DECODE_SHAPES[2], DECODE_SHAPES[4]],
+                         ids=lambda s: "x".join(map(str, s[:8])))
+def test_decode_features_flash_attention_tolerance_rule(shape, features):
+    tensors, kwargs = _inputs(shape, torch.bfloat16)
+    kwargs = dict(kwargs, **{k: v for k, v in features.items() if k != "sinks"})
+    if features.get("sinks"):
+        kwargs["sinks"] = torch.randn(shape[1], device="cuda")
+    with torch.no_grad():
+        ref, ref_lse = sk.prefix_attention(*[t.float() for t in tensors], **kwargs, backend="torch", return_lse=True)
+        ours, lse = sk.prefix_attention(*tensors, **kwargs, backend="cuda", return_lse=True)
+        baseline = sk.prefix_attention(*tensors, **kwargs, backend="torch")
+    assert_flash_rule("out", ours, baseline, ref)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=lambda s: "x".join(map(str, s[:8])))
 def test_prefill_flash_attention_tolerance_rule(shape, dtype):

@@ -25,6 +25,8 @@ CASES = [
     Case(1, 2, 1, 1, 6, 1, 0, 8),
 ]
 WANTED = [(True, True), (False, True), (True, False)]  # (seq_grads, prefix_grads)
+# window, softcap and sinks (docs/DESIGN.md section 2) on top of CASES[0]
+FEATURES = [(3, None, False), (None, 0.8, False), (None, None, True), (2, 1.5, True)]
 checked_ops = set()
 
 
@@ -52,6 +54,16 @@ def _opcheck(name, args):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cpu_prefix_attention_fwd(case, dtype):
     _opcheck("prefix_attention_fwd", _args(case, dtype))
+
+
+@pytest.mark.parametrize("window, softcap, sinks", FEATURES, ids=str)
+def test_cpu_prefix_attention_features(window, softcap, sinks):
+    args = _args(CASES[0], torch.float32)
+    sinks_t = torch.randn(CASES[0].Hq, requires_grad=True) if sinks else None
+    _opcheck("prefix_attention_fwd", (*args, window, softcap, sinks_t))
+    detached_sinks = None if sinks_t is None else sinks_t.detach()
+    backward_args = _backward_args(lambda *a: OPS.prefix_attention_fwd(*a, window, softcap, detached_sinks), args)
+    _opcheck("prefix_attention_bwd", (*backward_args, True, True, window, softcap))
 
 
 @pytest.mark.parametrize("wanted", WANTED, ids=str)
@@ -96,6 +108,16 @@ def test_triton_prefix_attention_fwd(case):
 
 
 @triton_only
+def test_triton_prefix_attention_features():
+    dtype = torch.bfloat16 if _triton_device() == "cuda" else torch.float32
+    args = _args(CASES[0], dtype, _triton_device())
+    sinks = torch.randn(CASES[0].Hq, device=_triton_device(), requires_grad=True)
+    _opcheck("triton_prefix_attention_fwd", (*args, 2, 1.5, sinks))
+    backward_args = _backward_args(lambda *a: OPS.triton_prefix_attention_fwd(*a, 2, 1.5, sinks.detach()), args)
+    _opcheck("triton_prefix_attention_bwd", (*backward_args, True, True, True, 2, 1.5))
+
+
+@triton_only
 @pytest.mark.parametrize("wanted", WANTED, ids=str)
 def test_triton_prefix_attention_bwd(wanted):
     dtype = torch.bfloat16 if _triton_device() == "cuda" else torch.float32
@@ -113,6 +135,9 @@ def test_cuda_prefix_attention_fwd(Lq):
         pytest.fail("softprompt_kernels._C was built without CUDA sources on a machine with a GPU")
     case = Case(2, 4, 2, Lq, 48, 2, 5, 64, prompt_ids=[1, -1], prefix_lens=[5, 2])
     _opcheck("prefix_attention_fwd", _args(case, torch.bfloat16, "cuda"))
+    if Lq <= 16:  # the decode kernel has the modern-attention features (prefill goes to Triton for them)
+        sinks = torch.randn(4, device="cuda")
+        _opcheck("prefix_attention_fwd", (*_args(case, torch.bfloat16, "cuda"), 7, 1.5, sinks))
 
 
 @gpu

@@ -44,6 +44,30 @@ def test_flash_attention_tolerance_rule(shape, dtype):
         assert_flash_rule(name, a, b, ref)
 
 
+FEATURES = [dict(window=100), dict(softcap=2.0), dict(sinks=True), dict(window=37, softcap=5.0, sinks=True)]
+
+
+@pytest.mark.parametrize("features", FEATURES, ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2]], ids=lambda s: "x".join(map(str, s[:8])))
+def test_features_flash_attention_tolerance_rule(shape, features):
+    """Sliding window, soft-capping and sinks (docs/DESIGN.md section 2), output and every gradient."""
+    tensors, kwargs, grad = _inputs(shape, torch.bfloat16)
+    kwargs = dict(kwargs, **{k: v for k, v in features.items() if k != "sinks"})
+    sinks = torch.randn(shape[1], device="cuda", requires_grad=True) if features.get("sinks") else None
+
+    def run(backend, xs, g):
+        extra = {"sinks": xs[5]} if sinks is not None else {}
+        out = sk.prefix_attention(*xs[:5], **kwargs, **extra, backend=backend)
+        grads = torch.autograd.grad(out, xs, g, allow_unused=True)
+        return [out.detach()] + [torch.zeros_like(t) if gr is None else gr.detach() for gr, t in zip(grads, xs)]
+
+    leaves = tensors + ([sinks] if sinks is not None else [])
+    reference = run("torch", [t.detach().float().requires_grad_() for t in leaves], grad.float())
+    ours, baseline = run("triton", leaves, grad), run("torch", leaves, grad)
+    for name, a, b, ref in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "dsinks"], ours, baseline, reference):
+        assert_flash_rule(name, a, b, ref)
+
+
 def test_float32_matches_float64_reference():
     shape = (2, 4, 2, 100, 130, 2, 20, 32, True, True, True)  # float32 runs up to head dim 32
     tensors, kwargs, grad = _inputs(shape, torch.float32)

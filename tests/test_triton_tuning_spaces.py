@@ -24,7 +24,8 @@ def _allowed(space, block_d, family, dtype, flags):
 
 @pytest.mark.parametrize("kernel", SPACES)
 def test_every_accepted_input_has_a_config(kernel):
-    heavy = dict(HAS_PADDING=True, HAS_IDS=True, HAS_LENS=True, DETERMINISTIC=False, CAUSAL=True)
+    heavy = dict(HAS_PADDING=True, HAS_IDS=True, HAS_LENS=True, DETERMINISTIC=False, CAUSAL=True, HAS_WINDOW=True,
+                 HAS_SOFTCAP=True)
     for block_d, family, dtype, even_d in itertools.product((16, 32, 64, 128, 256), (80, 90),
                                                             ("bf16", "fp16", "fp32"), (True, False)):
         if dtype == "fp32" and block_d not in common.FP32_HEAD_BLOCKS:
@@ -33,11 +34,13 @@ def test_every_accepted_input_has_a_config(kernel):
         assert _allowed(SPACES[kernel], block_d, family, dtype, flags), (kernel, block_d, family, dtype, even_d)
 
 
-def test_plain_case_configs_are_only_offered_without_padding():
-    plain = [c for space in SPACES.values() for cs in space.values() for c in cs if "when" in c]
-    assert plain, "the plain-case tiles exist"
-    for c in plain:
-        assert c["when"]["HAS_PADDING"] is False and c["when"]["EVEN_D"] is True
+def test_conditional_configs_are_offered_only_without_padding_or_without_features():
+    conditional = [c for space in SPACES.values() for cs in space.values() for c in cs if "when" in c]
+    assert conditional, "the plain-case tiles exist"
+    for c in conditional:
+        plain = c["when"].get("HAS_PADDING") is False and c["when"].get("EVEN_D") is True
+        no_features = c["when"].get("HAS_WINDOW") is False and c["when"].get("HAS_SOFTCAP") is False
+        assert plain or no_features, c
 
 
 def test_prune_keeps_only_the_configs_for_the_call():

@@ -5,6 +5,8 @@
 //             the queries of all q heads in the kv head's group, stacked as
 //             rows r = g * nq + t, so K/V chunks are loaded once per group.
 //             Key chunks may run along [prefix slots; sequence keys] (score_chunk).
+//             With a sliding window a block's spans start at the first key its
+//             first query can see, so the work grows like Lq * window, not Lq * Lk.
 //   backward: one task per (row b, kv head); it owns dq for the group's heads
 //             and dk/dv of its row, so nothing is shared between tasks. The
 //             prefix gradient of each task goes to a per-row partial and is
@@ -18,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <utility>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -47,29 +50,40 @@ int64_t queries_per_block(const PrefixAttentionParams& p, int64_t target_rows = 
   return std::min<int64_t>(bq, std::max<int64_t>(p.len_q, 1));
 }
 
-// Keys one row attends to: its prompt's prefix slots, or its own sequence keys.
+// Keys one row attends to: a range of its prompt's prefix slots, or of its own sequence keys.
 template <typename scalar_t>
 struct KeySpan {
-  const scalar_t* k;  // [count, D], row stride k_ld
+  const scalar_t* k;  // [count, D], row stride k_ld (row 0 = key `first`)
   const scalar_t* v;  // [count, D], row stride v_ld
   int64_t k_ld, v_ld, count;
   bool is_prefix;
+  int64_t first;  // key of row 0: a prefix slot, or a sequence key j
+  int64_t pos0;   // its index for the sliding window (slot s of an n-slot prompt: s - n; key j: j)
 };
 
+// The spans of a block of queries starting at query i_first: the prefix slots and sequence keys
+// [first, key_end) that some query of the block may see (the window cuts off what lies before
+// the first query's reach; causality what lies after the last one's).
 template <typename scalar_t>
-int make_spans(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64_t key_end,
+int make_spans(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64_t i_first, int64_t key_end,
                KeySpan<scalar_t> spans[2]) {
   int n = 0;
+  const int64_t lo = p.window_first_index(i_first);
   const int64_t pid = p.prompt_of_row(b);
   if (pid >= 0 && p.prefix_len(pid) > 0) {
-    spans[n++] = {static_cast<const scalar_t*>(p.prefix_k) + pid * p.pk_strides.b + hkv * p.pk_strides.h,
-                  static_cast<const scalar_t*>(p.prefix_v) + pid * p.pv_strides.b + hkv * p.pv_strides.h,
-                  p.pk_strides.l, p.pv_strides.l, p.prefix_len(pid), true};
+    const int64_t len = p.prefix_len(pid), first = std::max<int64_t>(0, lo + len);
+    if (first < len)
+      spans[n++] = {static_cast<const scalar_t*>(p.prefix_k) + pid * p.pk_strides.b + hkv * p.pk_strides.h +
+                        first * p.pk_strides.l,
+                    static_cast<const scalar_t*>(p.prefix_v) + pid * p.pv_strides.b + hkv * p.pv_strides.h +
+                        first * p.pv_strides.l,
+                    p.pk_strides.l, p.pv_strides.l, len - first, true, first, first - len};
   }
-  if (key_end > 0) {
-    spans[n++] = {static_cast<const scalar_t*>(p.k) + b * p.k_strides.b + hkv * p.k_strides.h,
-                  static_cast<const scalar_t*>(p.v) + b * p.v_strides.b + hkv * p.v_strides.h,
-                  p.k_strides.l, p.v_strides.l, key_end, false};
+  const int64_t first = std::max<int64_t>(0, lo);
+  if (key_end > first) {
+    spans[n++] = {static_cast<const scalar_t*>(p.k) + b * p.k_strides.b + hkv * p.k_strides.h + first * p.k_strides.l,
+                  static_cast<const scalar_t*>(p.v) + b * p.v_strides.b + hkv * p.v_strides.h + first * p.v_strides.l,
+                  p.k_strides.l, p.v_strides.l, key_end - first, false, first, first};
   }
   return n;
 }
@@ -103,11 +117,22 @@ void load_block_rows(const scalar_t* base, const Strides4& st, const PrefixAtten
     }
 }
 
-// Masks sequence-key scores s [M, n] (keys j0..j0+n, row stride lds) by padding and causality.
-template <typename acc_t>
-void mask_sequence_scores(const PrefixAttentionParams& p, int64_t b, int64_t i0, int64_t nq,
-                          int64_t j0, int64_t n, int64_t lds, acc_t* s) {
+// Masks the scores s [M, n] (row stride lds) of rows [c, c + n) of a span: sequence keys by padding
+// and causality, every key by the sliding window.
+template <typename acc_t, typename Span>
+void mask_scores(const PrefixAttentionParams& p, int64_t b, int64_t i0, int64_t nq, const Span& span, int64_t c,
+                 int64_t n, int64_t lds, acc_t* s) {
   const int64_t group = p.heads_q / p.heads_kv, rows = group * nq;
+  if (p.window > 0) {
+    const int64_t pos = span.pos0 + c;  // window index of column 0
+    for (int64_t t = 0; t < nq; ++t) {
+      const int64_t hidden = std::clamp<int64_t>(p.window_first_index(i0 + t) - pos, 0, n);
+      for (int64_t g = 0; g < group && hidden > 0; ++g)
+        std::fill(s + (g * nq + t) * lds, s + (g * nq + t) * lds + hidden, neg_inf<acc_t>());
+    }
+  }
+  if (span.is_prefix) return;  // the prefix is never causally masked and has no padding
+  const int64_t j0 = span.first + c;
   if (p.key_padding_mask) {
     for (int64_t c = 0; c < n; ++c) {
       if (p.key_is_real(b, j0 + c)) continue;
@@ -153,7 +178,8 @@ void accumulate_product(int64_t m, int64_t k, int64_t n, const acc_t* p, int64_t
 template <typename acc_t>
 struct Workspace {
   std::vector<acc_t> q, o, s, dp, dout, dq, kbuf, vbuf, m, l, lse, delta, dk, dv;
-  Workspace(int64_t rows, int64_t D, bool backward, int64_t len_k) {
+  std::vector<acc_t> cap_grad;  // backward with softcap: d capped / d raw score = 1 - tanh^2 per score
+  Workspace(int64_t rows, int64_t D, bool backward, int64_t len_k, bool softcap = false) {
     q.resize(rows * D);
     s.resize(rows * kKeyBlock);
     kbuf.resize(kKeyBlock * D);
@@ -170,9 +196,30 @@ struct Workspace {
       delta.resize(rows);
       dk.resize(len_k * D);
       dv.resize(len_k * D);
+      if (softcap) cap_grad.resize(rows * kKeyBlock);
     }
   }
 };
+
+// s <- cap * tanh(s / cap) on [rows, n] (row stride width); with `grad`, also d s_capped / d s = 1 - t^2.
+template <typename acc_t>
+void soft_cap(acc_t* s, int64_t rows, int64_t n, int64_t width, acc_t cap, acc_t* grad) {
+  const acc_t inv = acc_t(1) / cap;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t t = std::tanh(s[r * width + c] * inv);
+      s[r * width + c] = cap * t;
+      if (grad) grad[r * width + c] = acc_t(1) - t * t;
+    }
+}
+
+// With attention sinks, one more logit per head joins the normaliser of a row whose running max is m
+// and sum l: returns the new (m, l).
+template <typename acc_t>
+std::pair<acc_t, acc_t> add_sink(acc_t m, acc_t l, acc_t sink) {
+  const acc_t m_new = std::max(m, sink);
+  return {m_new, l * std::exp(m - m_new) + std::exp(sink - m_new)};
+}
 
 // n keys as acc_t rows (K and V, row strides k_ld / v_ld), their scaled and masked scores
 // written to ws.s [rows, n] (s = q_block @ K^T) with row stride `width`: n rounded up to whole
@@ -235,11 +282,12 @@ KeyChunk<acc_type_t<scalar_t>> score_chunk(const PrefixAttentionParams& p, const
   }
   acc_t* s = ws.s.data();
   scores_product<acc_t>(rows, c.n, D, ws.q.data(), D, c.k, c.k_ld, s, c.width);
+  if (p.softcap > 0)
+    soft_cap(s, rows, c.n, c.width, static_cast<acc_t>(p.softcap), ws.cap_grad.empty() ? nullptr : ws.cap_grad.data());
   if (c.width > c.n)
     for (int64_t r = 0; r < rows; ++r) std::fill(s + r * c.width + c.n, s + (r + 1) * c.width, neg_inf<acc_t>());
   for (int i = 0; i < n_parts; ++i)
-    if (!parts[i].span->is_prefix)
-      mask_sequence_scores(p, b, i0, nq, parts[i].first, parts[i].count, c.width, s + parts[i].column);
+    mask_scores(p, b, i0, nq, *parts[i].span, parts[i].first, parts[i].count, c.width, s + parts[i].column);
   return c;
 }
 
@@ -257,7 +305,7 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
   std::fill(ws.l.begin(), ws.l.begin() + rows, acc_t(0));
 
   KeySpan<scalar_t> spans[2];
-  const int n_spans = make_spans(p, b, hkv, p.causal_key_end(i0 + nq - 1), spans);
+  const int n_spans = make_spans(p, b, hkv, i0, p.causal_key_end(i0 + nq - 1), spans);
   auto process = [&](const KeyChunk<acc_t>& c) {
     acc_t* s = ws.s.data();
     online_softmax_chunk(s, rows, c.width, ws.m.data(), ws.l.data(), ws.o.data(), D);
@@ -287,10 +335,16 @@ void forward_block(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64
       const int64_t r = g * nq + t, i = i0 + t;
       scalar_t* dst = out + b * p.out_strides.b + h * p.out_strides.h + i * p.out_strides.l;
       const acc_t* src = ws.o.data() + r * D;
-      const bool seen = ws.l[r] > acc_t(0);
-      const acc_t inv = seen ? acc_t(1) / ws.l[r] : acc_t(0);
+      acc_t m = ws.m[r], l = ws.l[r], rescale = acc_t(1);  // o is relative to m
+      if (p.sinks) {
+        const auto [m_new, l_new] = add_sink(m, l, static_cast<const acc_t*>(p.sinks)[h]);
+        rescale = l > acc_t(0) ? std::exp(m - m_new) : acc_t(0);
+        m = m_new, l = l_new;
+      }
+      const bool seen = l > acc_t(0);
+      const acc_t inv = seen ? rescale / l : acc_t(0);
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * inv);
-      lse[(b * p.heads_q + h) * p.len_q + i] = seen ? ws.m[r] + std::log(ws.l[r]) : neg_inf<acc_t>();
+      lse[(b * p.heads_q + h) * p.len_q + i] = seen ? m + std::log(l) : neg_inf<acc_t>();
     }
   }
 }
@@ -331,14 +385,14 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
     std::fill(ws.dq.begin(), ws.dq.begin() + rows * D, acc_t(0));
 
     KeySpan<scalar_t> spans[2];
-    const int n_spans = make_spans(p, b, hkv, p.causal_key_end(i0 + nq - 1), spans);
+    const int n_spans = make_spans(p, b, hkv, i0, p.causal_key_end(i0 + nq - 1), spans);
     for (int si = 0; si < n_spans; ++si) {
       const KeySpan<scalar_t>& span = spans[si];
       // The sequence keys feed only dq, dk and dv; the prefix feeds dq and the prefix gradients.
       const bool want_kv = span.is_prefix ? prefix_grads : seq_grads;
       if (!want_kv && !seq_grads) continue;
-      acc_t* dk_span = span.is_prefix ? prefix_dk : ws.dk.data();
-      acc_t* dv_span = span.is_prefix ? prefix_dv : ws.dv.data();
+      acc_t* dk_span = (span.is_prefix ? prefix_dk : ws.dk.data()) + span.first * D;
+      acc_t* dv_span = (span.is_prefix ? prefix_dv : ws.dv.data()) + span.first * D;
       for (int64_t j0 = 0; j0 < span.count; j0 += kKeyBlock) {
         const KeyChunk<acc_t> c = score_chunk(p, &span, 1, j0, span.count, b, i0, nq, ws);
         const int64_t n = c.n, width = c.width;
@@ -347,7 +401,10 @@ void backward_row_head(const PrefixAttentionGradParams& p, int64_t b, int64_t hk
         scores_product<acc_t>(rows, n, D, ws.dout.data(), D, c.v, c.v_ld, dp, width);
         // Padding columns (P = exp(-inf) = 0) are never read by the products below.
         softmax_grad_chunk(s, dp, rows, width, ws.lse.data(), ws.delta.data());
-        // s holds P and dp holds dS (gradient of the scaled scores).
+        // s holds P and dp holds dS (gradient of the scaled, capped scores); through the cap:
+        if (p.softcap > 0)
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t col = 0; col < n; ++col) dp[r * width + col] *= ws.cap_grad[r * width + col];
         if (want_kv) {
           gemm<acc_t>(true, false, n, D, rows, 1, s, width, ws.dout.data(), D, 1, dv_span + j0 * D, D);
           gemm<acc_t>(true, false, n, D, rows, 1, dp, width, ws.q.data(), D, 1, dk_span + j0 * D, D);
@@ -441,7 +498,7 @@ void prefix_attention_backward(const PrefixAttentionGradParams& p) {
   auto* partial_v = static_cast<acc_t*>(p.prefix_partial_v);
   const int64_t rows = (p.heads_q / Hkv) * queries_per_block(p, kTargetRowsBackward);
   at::parallel_for(0, p.batch * Hkv, 1, [&](int64_t begin, int64_t end) {
-    Workspace<acc_t> ws(rows, D, /*backward=*/true, p.len_k);
+    Workspace<acc_t> ws(rows, D, /*backward=*/true, p.len_k, /*softcap=*/p.softcap > 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, hkv = item % Hkv;
       acc_t* pdk = has_prefix ? partial_k + item * K * D : nullptr;

@@ -12,6 +12,10 @@
 // Keys that do not exist or are padding are never loaded (so garbage in padded cache
 // slots cannot leak in as 0 * NaN). Rows whose prompt id or prefix length is out of
 // range get NaN outputs instead of reading out of bounds.
+// Modern-attention features (docs/DESIGN.md section 2): a sliding window skips the tiles
+// before the earliest query's reach and masks per query; soft-capping maps each score
+// through cap * tanh(s / cap); attention sinks join the normaliser where the output is
+// normalised (the single split's epilogue, or the combine pass, as one more split).
 #pragma once
 
 #include "cuda/cuda_compat.h"
@@ -62,6 +66,16 @@ __device__ __forceinline__ const T* combined_row(const void* seq, const Strides4
                                                  int64_t prompt, int64_t c) {
   if (c < K) return static_cast<const T*>(bank) + prompt * bs.b + h * bs.h + c * bs.l;
   return static_cast<const T*>(seq) + b * ss.b + h * ss.h + (c - K) * ss.l;
+}
+
+// A normalised output o with base-2 log-sum-exp lse2, merged with a sink logit (base 2): the
+// factor that rescales o, and the new lse2.
+__device__ __forceinline__ void merge_sink(float sink2, float& lse2, float& factor) {
+  const float m = fmaxf(lse2, sink2);
+  const float w_out = lse2 == -INFINITY ? 0.f : exp2f(lse2 - m);
+  const float total = w_out + exp2f(sink2 - m);
+  factor = w_out / total;
+  lse2 = m + log2f(total);
 }
 
 template <typename T, int D, int QB>
@@ -123,6 +137,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) prefix_decode_split_kernel(
   const int64_t c_end_split = c_begin + params.keys_per_split < K + Lk ? c_begin + params.keys_per_split : K + Lk;
   const int64_t last_pos = (qv0 + QB - 1) / group < Lq - 1 ? (qv0 + QB - 1) / group : Lq - 1;
   const int64_t seq_end = p.causal ? (last_pos + Lk - Lq + 1 < Lk ? last_pos + Lk - Lq + 1 : Lk) : Lk;
+  // With a sliding window, nothing below the earliest query's reach (window index `reach`; prefix
+  // slot c sits at c - plen, sequence key j at j) is visible to the tile.
+  const int64_t reach = p.window > 0 ? int64_t(qv0 / group) + Lk - Lq - p.window + 1 : INT64_MIN / 2;
+  const int64_t prefix_begin = reach + plen > 0 ? reach + plen : 0;  // first combined key of each part
+  const int64_t seq_begin = K + (reach > 0 ? reach : 0);
+  // Soft-capping in base-2 units: s2 -> cap2 * tanh(s2 / cap2), cap2 = cap * log2(e).
+  const float cap2 = float(p.softcap) * kLog2e, inv_cap2 = p.softcap > 0 ? 1.f / cap2 : 0.f;
 
   const int chunk = tid % kChunks, slice = tid / kChunks;
   float acc[QB][8];
@@ -133,14 +154,15 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) prefix_decode_split_kernel(
 
   for (int64_t t0 = c_begin; t0 < c_end_split; t0 += kTile) {
     const int64_t t1 = t0 + kTile;
-    const bool any_prefix = t0 < plen;
-    const bool any_sequence = t1 > K && t0 < K + seq_end;
+    const bool any_prefix = t1 > prefix_begin && t0 < plen;
+    const bool any_sequence = t1 > seq_begin && t0 < K + seq_end;
     if (!any_prefix && !any_sequence) continue;  // uniform over the block
     __syncthreads();  // the previous tile's readers of p_s / live_s are done
     if (tid < kTile) {
       const int64_t c = t0 + tid;
       bool live = c < c_end_split;
-      if (live) live = c < K ? c < plen : (c - K < seq_end && key_is_real(p, b, c - K));
+      if (live)
+        live = c < K ? (c >= prefix_begin && c < plen) : (c >= seq_begin && c - K < seq_end && key_is_real(p, b, c - K));
       live_s[tid] = live;
     }
     __syncthreads();
@@ -177,12 +199,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) prefix_decode_split_kernel(
         for (int r = 0; r < QB; ++r) dots[r] += __shfl_xor_sync(0xffffffffu, dots[r], offset);
       if (sub == 0) {
         const bool live = live_s[t];
+        const int64_t key_index = c < K ? c - plen : c - K;  // the key's window index
 #pragma unroll
         for (int r = 0; r < QB; ++r) {
           const int qv = qv0 + r;
+          const int64_t query_index = int64_t(qv / group) + Lk - Lq;
           bool visible = live && qv < num_qv;
-          if (visible && c >= K && p.causal) visible = (c - K) <= int64_t(qv / group) + Lk - Lq;
-          p_s[r][t] = visible ? dots[r] : -INFINITY;
+          if (visible && c >= K && p.causal) visible = (c - K) <= query_index;
+          if (visible && p.window > 0) visible = query_index - key_index < p.window;
+          const float s = p.softcap > 0 ? cap2 * tanhf(dots[r] * inv_cap2) : dots[r];
+          p_s[r][t] = visible ? s : -INFINITY;
         }
       }
     }
@@ -257,11 +283,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) prefix_decode_split_kernel(
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) sum += red_s[s][r][d];
     const float l = l_s[r], m = m_s[r];
-    const float o = prefix.bad ? NAN : (l > 0.f ? sum / l : 0.f);
-    const float lse2 = prefix.bad ? NAN : (l > 0.f ? m + log2f(l) : -INFINITY);
+    float o = prefix.bad ? NAN : (l > 0.f ? sum / l : 0.f);
+    float lse2 = prefix.bad ? NAN : (l > 0.f ? m + log2f(l) : -INFINITY);
     const int64_t h = kvh * group + qv % group, i = qv / group;
     const int64_t vec = (b * p.heads_q + h) * Lq + i;
     if (params.num_splits == 1) {
+      if (p.sinks != nullptr && !prefix.bad) {
+        float factor;
+        merge_sink(static_cast<const float*>(p.sinks)[h] * kLog2e, lse2, factor);
+        o *= factor;
+      }
       T* out = static_cast<T*>(p.out) + b * p.out_strides.b + h * p.out_strides.h + i * p.out_strides.l;
       out[d] = from_float<T>(o);
       if (d == 0) static_cast<float*>(p.lse)[vec] = lse2 * kLn2;
@@ -281,7 +312,10 @@ __global__ void __launch_bounds__(kDecodeThreads) prefix_decode_combine_kernel(c
   const int64_t vec = int64_t(blockIdx.x) * (kDecodeThreads / kWarpSize) + threadIdx.x / kWarpSize;
   if (vec >= vectors) return;  // whole warps leave together
   const int lane = threadIdx.x % kWarpSize;
-  float m = -INFINITY;
+  const int64_t i = vec % p.len_q, h = (vec / p.len_q) % p.heads_q, b = vec / (p.len_q * p.heads_q);
+  // An attention sink is one more split: its lse is the sink's logit, its output zero.
+  const float sink2 = p.sinks != nullptr ? static_cast<const float*>(p.sinks)[h] * kLog2e : -INFINITY;
+  float m = sink2;
   bool nan_seen = false;
   for (int s = 0; s < params.num_splits; ++s) {
     const float lse = params.partial_lse[s * vectors + vec];
@@ -301,8 +335,8 @@ __global__ void __launch_bounds__(kDecodeThreads) prefix_decode_combine_kernel(c
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) acc[j] += w * part[lane + j * kWarpSize];
     }
+    if (p.sinks != nullptr) weight_sum += exp2f(sink2 - m);
   }
-  const int64_t i = vec % p.len_q, h = (vec / p.len_q) % p.heads_q, b = vec / (p.len_q * p.heads_q);
   T* out = static_cast<T*>(p.out) + b * p.out_strides.b + h * p.out_strides.h + i * p.out_strides.l;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {

@@ -23,7 +23,7 @@ from .harness import CaseSetup, Suite, Timing, timed_call
 
 BENCH = "prefix_attention"
 CASE_KEY = ("B = rows, H = q/kv heads, L = query/key length, K = prefix slots, D = head dim, dtype, mask, "
-            "P = prompts in the bank; fwd = forward, fwd_bwd = forward + backward")
+            "W = sliding window, P = prompts in the bank; fwd = forward, fwd_bwd = forward + backward")
 BASE_PROVIDERS = ("torch", "sdpa_concat")
 MODES = ("fwd", "fwd_bwd")
 _SHORT_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
@@ -44,12 +44,18 @@ class Case:
     causal: bool = True
     num_prompts: int = 1
     mode: str = "fwd"
+    window: Optional[int] = None
+    softcap: Optional[float] = None
 
     @property
     def name(self) -> str:
         mask = "causal" if self.causal else "full"
+        features = (f" W{self.window}" if self.window else "") + (f" cap{self.softcap:g}" if self.softcap else "")
         return (f"B{self.B} H{self.Hq}/{self.Hkv} L{self.Lq}/{self.Lk} K{self.K} D{self.D} "
-                f"{_SHORT_DTYPE.get(self.dtype, self.dtype)} {mask} P{self.num_prompts} {self.mode}")
+                f"{_SHORT_DTYPE.get(self.dtype, self.dtype)} {mask}{features} P{self.num_prompts} {self.mode}")
+
+    def features(self) -> Dict[str, Any]:
+        return {name: getattr(self, name) for name in ("window", "softcap") if getattr(self, name) is not None}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,18 +71,30 @@ def both_modes(case: Case) -> List[Case]:
 
 # --- counts
 
-def visible_sequence_keys(Lq: int, Lk: int, causal: bool) -> int:
-    """Sequence keys seen, summed over the Lq queries: query i sees j <= i + Lk - Lq when causal."""
-    if not causal:
-        return Lq * Lk
-    offset = Lk - Lq  # bottom-right alignment; Lq <= Lk, so every query sees at least key 0
-    return sum(min(Lk, i + offset + 1) for i in range(Lq))
+def visible_sequence_keys(Lq: int, Lk: int, causal: bool, window: Optional[int] = None) -> int:
+    """Sequence keys seen, summed over the Lq queries: query i (index i + Lk - Lq) sees j <= its index
+    when causal, and only j > its index - window with a sliding window."""
+    offset = Lk - Lq  # bottom-right alignment
+    total = 0
+    for i in range(Lq):
+        hi = min(Lk, i + offset + 1) if causal else Lk
+        lo = max(0, i + offset - window + 1) if window else 0
+        total += max(0, hi - lo)
+    return total
+
+
+def visible_prefix_slots(Lq: int, Lk: int, K: int, window: Optional[int] = None) -> int:
+    """Prefix slots seen, summed over queries: all K, or with a window those at index s - K within reach."""
+    if not window:
+        return Lq * K
+    return sum(min(K, max(0, window - 1 - (i + Lk - Lq))) for i in range(Lq))
 
 
 def forward_flops(case: Case) -> float:
-    """``4 * B * Hq * D * sum over queries of (prefix slots + visible sequence keys)``: two matmuls
-    (QK^T and PV) of 2 FLOPs per multiply-add; the prefix is never masked (docs/DESIGN.md section 7)."""
-    keys = case.Lq * case.K + visible_sequence_keys(case.Lq, case.Lk, case.causal)
+    """``4 * B * Hq * D * sum over queries of visible keys`` (prefix slots and sequence keys): two matmuls
+    (QK^T and PV) of 2 FLOPs per multiply-add; masked keys do not count (docs/DESIGN.md section 7)."""
+    keys = (visible_prefix_slots(case.Lq, case.Lk, case.K, case.window)
+            + visible_sequence_keys(case.Lq, case.Lk, case.causal, case.window))
     return 4.0 * case.B * case.Hq * case.D * keys
 
 
@@ -131,7 +149,12 @@ def concatenated_inputs(case: Case, inputs: Dict[str, Optional[torch.Tensor]]):
     seq = torch.ones(case.Lq, case.Lk, dtype=torch.bool, device=device)
     if case.causal:
         seq = torch.tril(seq, diagonal=case.Lk - case.Lq)
+    query_index = torch.arange(case.Lq, device=device)[:, None] + (case.Lk - case.Lq)
+    if case.window:
+        seq = seq & (query_index - torch.arange(case.Lk, device=device)[None, :] < case.window)
     prefix = torch.ones(case.Lq, case.K, dtype=torch.bool, device=device)
+    if case.window:
+        prefix = query_index - (torch.arange(case.K, device=device)[None, :] - case.K) < case.window
     mask = torch.cat([prefix, seq], dim=1).expand(case.B, 1, -1, -1).contiguous()
     return keys, values, mask
 
@@ -150,7 +173,7 @@ def _op_provider(case: Case, inputs, backend: str, leaves) -> Callable[[], Any]:
 
     def forward():
         return softprompt_kernels.prefix_attention(q, k, v, pk, pv, prompt_ids=ids, causal=case.causal,
-                                                   backend=backend)
+                                                   backend=backend, **case.features())
     return timed_call(forward, leaves, inputs["d_out"], case.mode)
 
 
@@ -177,7 +200,7 @@ def fused_backends(case: Case, inputs) -> Tuple[List[str], Dict[str, str]]:
             refused[name] = "not timed under TRITON_INTERPRET=1 (Triton's CPU interpreter)"
             continue
         reasons = softprompt_kernels.not_supported_reasons(name, *args, prompt_ids=inputs["prompt_ids"],
-                                                           causal=case.causal)
+                                                           causal=case.causal, **case.features())
         if reasons:
             refused[name] = "; ".join(reasons)
         else:
@@ -194,7 +217,7 @@ def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup
     providers: Dict[str, Callable[[], Any]] = {}
     if wanted("torch"):
         providers["torch"] = _op_provider(case, inputs, "torch", op_leaves)
-    if wanted("sdpa_concat"):
+    if wanted("sdpa_concat") and case.softcap is None:  # SDPA cannot soft-cap
         providers["sdpa_concat"] = _sdpa_concat_provider(case, inputs)
     for name in fused:
         if wanted(name):
@@ -241,8 +264,45 @@ def _prefill_gpu() -> List[Case]:
     return [replace(base, Lq=L, Lk=L) for L in (512, 2048, 8192)] + [replace(base, D=64), replace(base, causal=False)]
 
 
+def _window_cases(B: int, Hq: int, Hkv: int, D: int, dtype: str, lengths: Sequence[int], window: int) -> List[Case]:
+    base = Case(B=B, Hq=Hq, Hkv=Hkv, Lq=lengths[0], Lk=lengths[0], K=16, D=D, dtype=dtype, mode="fwd_bwd")
+    return [replace(base, Lq=L, Lk=L, window=w) for L in lengths for w in (None, window)]
+
+
+def window_goals(records) -> List[str]:
+    """With a sliding window W a fused backend's time grows like L * W (exponent of L about 1; causal attention
+    without a window grows like L^2), per fused provider and pair of lengths; the baselines mask, so they stay
+    quadratic."""
+    import math
+
+    by = {}
+    for r in records:
+        c = r.config
+        if c.get("mode") == "fwd_bwd" and r.provider not in BASE_PROVIDERS:
+            by[(r.provider, c["Lq"], c.get("window"))] = r.ms
+    lines = []
+    for provider in sorted({p for p, _, _ in by}):
+        lengths = sorted({L for p, L, _ in by if p == provider})
+        windows = sorted({w for p, _, w in by if p == provider and w})
+        for w in windows:
+            for short, long in zip(lengths, lengths[1:]):
+                if (provider, long, w) not in by or (provider, short, w) not in by:
+                    continue
+                with_w = by[(provider, long, w)] / by[(provider, short, w)]
+                exponent = math.log(with_w) / math.log(long / short)
+                without = (f", x{by[(provider, long, None)] / by[(provider, short, None)]:.2f} without"
+                           if (provider, long, None) in by and (provider, short, None) in by else "")
+                lines.append(f"{provider} L {short} -> {long}: time x{with_w:.2f} with window {w}{without}; "
+                             f"L^{exponent:.2f} (goal: grows like L*W, exponent <= 1.25: "
+                             f"{'met' if exponent <= 1.25 else 'NOT met'})")
+    return lines
+
+
 def goals(records) -> List[str]:
-    """The CUDA prefill goal (docs/DESIGN.md section 7: CUDA forward within 1.25x of the Triton forward), per case."""
+    """The CUDA prefill goal (docs/DESIGN.md section 7: CUDA forward within 1.25x of the Triton forward), per case,
+    and the window scaling of the window suites."""
+    if any(r.config.get("window") for r in records):
+        return window_goals(records)
     by_case: Dict[str, Dict[str, Any]] = {}
     for r in records:
         by_case.setdefault(r.config.get("name"), {})[r.provider] = r
@@ -265,4 +325,9 @@ SUITES: Dict[str, Suite] = {
     "gpu": Suite("gpu", "cuda", _gpu(), Timing(reps=5, min_time_s=0.5)),
     "gpu-quick": Suite("gpu-quick", "cuda", _gpu_quick(), Timing(reps=3, min_time_s=0.1)),
     "prefill-gpu": Suite("prefill-gpu", "cuda", _prefill_gpu(), Timing(reps=5, min_time_s=0.3)),
+    # sliding windows: the fused paths skip what lies outside the window (cost ~ L * W, not L^2)
+    "window-cpu": Suite("window-cpu", "cpu", _window_cases(2, 4, 2, 32, "float32", (512, 1024, 2048), 128),
+                        Timing(reps=5, warmup=1, min_time_s=2.0)),
+    "window-gpu": Suite("window-gpu", "cuda", _window_cases(4, 32, 8, 128, "bfloat16", (2048, 8192, 16384), 1024),
+                        Timing(reps=5, min_time_s=0.5)),
 }

@@ -123,7 +123,7 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         k, context = bank.row_lengths, bank.context
     else:
         k = _compat.active_config(self).num_virtual_tokens
-        context = context_for(prefix_tuning_layers(self), k)
+        context = context_for(prefix_tuning_layers(self))
     cache = _compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     if position_ids is None:
@@ -153,7 +153,7 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     else:
         k = _compat.active_config(self).num_virtual_tokens
         prompt_pass = run_prompt_once(model, prompt_embeddings(self, model), want_logits=labels is not None)
-        context, first_logits = context_for(prompt_pass.layers, k), prompt_pass.last_logits
+        context, first_logits = context_for(prompt_pass.layers), prompt_pass.last_logits
     cache = _compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
@@ -211,7 +211,7 @@ def _encoder_prefix_forward(self, input_ids=None, attention_mask=None, inputs_em
     return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                  position_ids=position_ids, output_attentions=output_attentions,
                  output_hidden_states=output_hidden_states, return_dict=True,
-                 softprompt_context=context_for(prefix_tuning_layers(self), k), **kwargs)
+                 softprompt_context=context_for(prefix_tuning_layers(self)), **kwargs)
 
 
 def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
@@ -269,7 +269,7 @@ def _generate(self, *gen_args, **gen_kwargs):
             layers = prefix_tuning_layers(self)
         else:
             layers = run_prompt_once(model, prompt_embeddings(self, model), want_logits=False).layers
-    context = context_for(layers, k)
+    context = context_for(layers)
 
     def wrap(original):
         def prepare_inputs(*args, **kwargs):

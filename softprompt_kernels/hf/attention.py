@@ -37,7 +37,6 @@ class SoftPromptContext:
     layer_prefixes: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]]
     prompt_ids: Optional[torch.Tensor] = None
     prefix_lens: Optional[torch.Tensor] = None
-    num_prefix_positions: int = 0  # positions the prefix occupies before the text (sliding-window check)
     # Capture mode (the batch-1 prompt pass): no prefix; each layer records its (key, value) here.
     captured: Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None
 
@@ -55,10 +54,12 @@ class SoftPromptContext:
 def softprompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                          scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                          softprompt_context: Optional[SoftPromptContext] = None,
-                         sliding_window: Optional[int] = None, **kwargs):
-    """The function transformers calls: query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] (with the cache)."""
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("softprompt attention does not support attention logit soft-capping (softcap)")
+                         sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                         s_aux: Optional[torch.Tensor] = None, **kwargs):
+    """The function transformers calls: query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] (with the cache).
+
+    The layer's own sliding window, logit soft-capping and attention sinks (``s_aux``, gpt-oss) go to
+    the op as ``window``, ``softcap`` and ``sinks``: per layer, as each layer passes them."""
     if kwargs.get("output_attentions", False):
         warn_once("output_attentions", "softprompt attention never materialises attention weights: "
                                         "output_attentions returns None for them")
@@ -74,26 +75,24 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     if softprompt_context is not None:
         prefix_k, prefix_v = (p.to(query.dtype) for p in softprompt_context.prefix(layer_idx))
         prompt_ids, prefix_lens = softprompt_context.prompt_ids, softprompt_context.prefix_lens
-        prefix_positions = softprompt_context.num_prefix_positions
     else:
         prefix_k = prefix_v = key.new_zeros((1, key.shape[1], 0, key.shape[3]))
         prompt_ids = prefix_lens = None
-        prefix_positions = 0
-    if sliding_window is not None and causal and prefix_positions + key.shape[2] > sliding_window:
-        raise NotImplementedError(
-            f"softprompt attention has no sliding window: {prefix_positions} prefix + {key.shape[2]} keys exceed "
-            f"the model's sliding_window={sliding_window}")
+    features = dict(window=int(sliding_window) if sliding_window is not None else None,
+                    softcap=float(softcap) if softcap is not None else None,
+                    sinks=s_aux.to(query.dtype) if s_aux is not None else None)
     mask = attention_mask.bool() if attention_mask is not None else None
     if dropout > 0.0:
         # The fused kernels have no attention dropout: train with dropout on the (exact) PyTorch path.
         warn_once("dropout", "attention dropout > 0: softprompt attention runs the PyTorch path for it "
                               "(the fused kernels have no dropout; set attention dropout to 0 for speed)")
         inputs = validate_prefix_attention_args(query, key, value, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                                                causal, mask, scaling)
+                                                causal, mask, scaling, **features)
         out, _ = prefix_attention_torch(inputs, return_lse=False, dropout_p=dropout)
     else:
         out = prefix_attention(query, key, value, prefix_k, prefix_v, prompt_ids=prompt_ids,
-                               prefix_lens=prefix_lens, causal=causal, key_padding_mask=mask, scale=scaling)
+                               prefix_lens=prefix_lens, causal=causal, key_padding_mask=mask, scale=scaling,
+                               **features)
     return out.transpose(1, 2), None
 
 

@@ -68,8 +68,8 @@ def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch:
     layers = [(_stack([a[i][0] for a in per_adapter], width), _stack([a[i][1] for a in per_adapter], width))
               for i in range(num_layers)] if distinct else [_empty_prefix(model, device)] * num_layers
     row_lengths = torch.where(prompt_ids >= 0, lengths[prompt_ids.clamp(min=0)] if distinct else 0, 0)
-    context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids, prefix_lens=lengths if distinct else
-                                None, num_prefix_positions=width)
+    context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids,
+                                prefix_lens=lengths if distinct else None)
     return BatchPrefixes(context, row_lengths, first)
 
 

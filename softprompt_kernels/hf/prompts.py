@@ -70,5 +70,5 @@ def prompt_embeddings(peft_model, model, adapter: Optional[str] = None) -> torch
     return prompts.to(model.get_input_embeddings().weight.dtype)
 
 
-def context_for(layers: List[Prefix], num_prefix_positions: int) -> SoftPromptContext:
-    return SoftPromptContext(layer_prefixes=layers, num_prefix_positions=num_prefix_positions)
+def context_for(layers: List[Prefix]) -> SoftPromptContext:
+    return SoftPromptContext(layer_prefixes=layers)

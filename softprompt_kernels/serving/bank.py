@@ -122,8 +122,7 @@ class PromptBank:
         else:
             layers = [(self._keys[i], self._values[i]) for i in range(self.num_layers)]
             lengths = self._lengths
-        context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids, prefix_lens=lengths,
-                                    num_prefix_positions=self._width)
+        context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids, prefix_lens=lengths)
         return context, row_lengths
 
     # --- internals

@@ -13,11 +13,14 @@ Kernels (FlashAttention-2 decomposition, written for this op):
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .common import (LOG2E, PLAIN, TUNING_KEY, autotune_configs, head_block, interpreting, launcher,
+from .common import (LOG2E, NO_FEATURES, NO_WINDOW, PLAIN, TUNING_KEY, autotune_configs, head_block, interpreting, launcher,
                      length_bucket, prune_by_head_block, remember_arch, tl, triton)
-from .forward import dot_precision, load_rows, padding_view, prompt_of_row, usable_prefix
+from .forward import (dot_precision, load_rows, padding_view, prompt_of_row, scores_log2, softcap_args, usable_prefix,
+                      window_visible)
 
 # Spill-free tuning spaces (see forward.FWD_SPACE); BWD_SPACE serves the kv and prefix kernels.
 BWD_SPACE = {
@@ -25,13 +28,13 @@ BWD_SPACE = {
          dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
          dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
          dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
-         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",))],
+         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",), when=NO_FEATURES)],
     32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
          dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
          dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2, dtypes=("fp32",)),
          dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2, dtypes=("fp32",))],
-    64: [dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    64: [dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, when=NO_FEATURES),
          dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),
          dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2),
          dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)],
@@ -47,7 +50,7 @@ BWD_SPACE = {
 # plain-case large tiles and with other float32 tiles.
 _PREFIX_FP32 = {16: [dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2, dtypes=("fp32",)),
                      dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2, dtypes=("fp32",))],
-                32: [dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
+                32: [dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",), when=NO_FEATURES),
                      dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2, dtypes=("fp32",))]}
 PREFIX_SPACE = {block_d: [c for c in space if "when" not in c and "dtypes" not in c] + _PREFIX_FP32.get(block_d, [])
                 for block_d, space in BWD_SPACE.items()}
@@ -61,13 +64,13 @@ DQ_SPACE = {
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
          dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2, dtypes=("fp32",))],
-    64: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    64: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, when=NO_FEATURES),
          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
     128: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
-          dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, archs=(90,)),
+          dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, archs=(90,), when=NO_FEATURES),
           dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, archs=(80,)),
-          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, archs=(80,)),
+          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, archs=(80,), when=NO_FEATURES),
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, archs=(90,), when=PLAIN),
           dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, archs=(90,), when=PLAIN)],
     256: [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
@@ -132,13 +135,16 @@ def delta_kernel(OUT, DO, GRAD_LSE, DELTA,
 
 @triton.jit
 def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                           q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
-                           CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+                           q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2, cap_scale, cap_log2,
+                           key_index, window,
+                           CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                           HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Accumulates dk, dv [BLOCK_N, BLOCK_D] of one key block over queries [q_lo, q_hi) of one head.
 
     One loop with the masks applied in every step: a single copy of the body keeps the kernel
     within the register file (no spills) at the tile sizes that feed the tensor cores well.
+    key_index [BLOCK_N]: the keys' window indices (query m sits at m + causal_shift).
     """
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(q_lo, q_hi, BLOCK_M):
@@ -151,14 +157,19 @@ def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 
         # a query that saw nothing has lse = -inf and contributes nothing
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2 - lse2[None, :])
+        s_t, t_t = scores_log2(k, q, scale_log2, cap_scale, cap_log2, DOT_PRECISION, HAS_SOFTCAP)
+        p_t = tl.math.exp2(s_t - lse2[None, :])
         if CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, p_t, 0.0)
         if HAS_KEY_MASK:
             p_t = tl.where(key_real[:, None], p_t, 0.0)
+        if HAS_WINDOW:
+            p_t = tl.where(tl.trans(window_visible(offs_m + causal_shift, key_index, window)), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:  # through the cap: d cap*tanh(s/cap) / ds = 1 - tanh^2
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -174,15 +185,18 @@ def prefix_attention_bwd_kv_kernel(
     stride_pb, stride_pn,                # padding  [B, Lk] uint8
     stride_dob, stride_doh, stride_dom,  # grad_out [B, Hq, Lq, D]; lse, delta [B, Hq, Lq] fp32
     stride_dkb, stride_dkh, stride_dkn,  # dk, dv   [B, Hkv, Lk, D] (same strides)
-    Hq, Hkv, Lq, Lk, D, group, scale, scale_log2,
+    Hq, Hkv, Lq, Lk, D, group, scale, scale_log2, cap_scale, cap_log2, window,
     lq_bucket, lk_bucket,
-    HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one block of sequence keys of one (row, kv head), over all q heads of its group."""
     # float arguments may arrive as fp64 (torch.compile's launcher types Python floats so)
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)
+    cap_scale = tl.cast(cap_scale, tl.float32)
+    cap_log2 = tl.cast(cap_log2, tl.float32)
     bkv = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
@@ -200,6 +214,9 @@ def prefix_attention_bwd_kv_kernel(
     q_lo = 0
     if CAUSAL:  # queries before start_n - shift see none of these keys
         q_lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
+    q_hi = Lq
+    if HAS_WINDOW:  # nor do queries whose window ends before the block's last key
+        q_hi = tl.maximum(tl.minimum(start_n + BLOCK_N - 1 + window - causal_shift, Lq), q_lo)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, group):
@@ -207,8 +224,9 @@ def prefix_attention_bwd_kv_kernel(
         row = (b * Hq + h) * Lq
         dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
                                         DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row, stride_qm,
-                                        stride_dom, q_lo, Lq, Lq, offs_n, key_real, causal_shift, D, scale_log2,
-                                        CAUSAL, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
+                                        stride_dom, q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
+                                        cap_scale, cap_log2, offs_n, window, CAUSAL, HAS_PADDING, HAS_WINDOW,
+                                        HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
     dk = dk * scale
     dst = b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     seq_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
@@ -226,18 +244,21 @@ def prefix_attention_bwd_prefix_kernel(
     stride_pkp, stride_pkh, stride_pkn,  # prefix_k [P, Hkv, K, D]
     stride_pvp, stride_pvh, stride_pvn,  # prefix_v [P, Hkv, K, D]
     stride_dob, stride_doh, stride_dom,  # grad_out [B, Hq, Lq, D]; lse, delta [B, Hq, Lq] fp32
-    Hq, Hkv, Lq, K_SLOTS, D, group, scale, scale_log2, q_chunk, n_splits,
+    Hq, Hkv, Lq, Lk, K_SLOTS, D, group, scale, scale_log2, cap_scale, cap_log2, window, q_chunk, n_splits,
     lq_bucket, lk_bucket,
     # DPK/DPV: deterministic: partials [B, n_splits, Hkv, K, D] fp32; atomic: sums [P, Hkv, K, D] fp32
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DETERMINISTIC: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One row's share of the gradient of one block of its prompt's prefix slots (never masked),
-    over one chunk of its queries: chunks keep enough programs in flight when K is small."""
+    """One row's share of the gradient of one block of its prompt's prefix slots (never causally
+    masked), over one chunk of its queries: chunks keep enough programs in flight when K is small."""
     # float arguments may arrive as fp64 (torch.compile's launcher types Python floats so)
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)
+    cap_scale = tl.cast(cap_scale, tl.float32)
+    cap_log2 = tl.cast(cap_log2, tl.float32)
     split = tl.program_id(1)
     bkv = tl.program_id(2)
     b = (bkv // Hkv).to(tl.int64)
@@ -254,6 +275,9 @@ def prefix_attention_bwd_prefix_kernel(
                       + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
         q_lo = split * q_chunk
         q_hi = tl.minimum(q_lo + q_chunk, Lq)
+        causal_shift = Lk - Lq
+        if HAS_WINDOW:  # queries whose window ends before the block's last slot (index s - n_slots) see none
+            q_hi = tl.maximum(tl.minimum(q_hi, start_n + BLOCK_N - 1 - n_slots + window - causal_shift), q_lo)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, group):
@@ -261,8 +285,9 @@ def prefix_attention_bwd_prefix_kernel(
             row = (b * Hq + h) * Lq
             dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
                                             DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
-                                            stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, offs_n, 0, D,
-                                            scale_log2, False, False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
+                                            stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, offs_n, causal_shift, D,
+                                            scale_log2, cap_scale, cap_log2, offs_n - n_slots, window, False, False,
+                                            HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
         dk = dk * scale
         slot_mask = (offs_n < n_slots)[:, None] & (offs_d < D)[None, :]
         if DETERMINISTIC:
@@ -277,10 +302,12 @@ def prefix_attention_bwd_prefix_kernel(
 
 @triton.jit
 def _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start, end, q_pos,
-                  causal_shift, pad_base, stride_pn, D, scale_log2,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, EVEN_D: tl.constexpr,
+                  causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2, key_index_base, window,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dq += dS @ K over key blocks [start, end). Keys past `end` load as zeros and add nothing."""
+    """dq += dS @ K over key blocks [start, end). Keys past `end` load as zeros and add nothing.
+    Key n has window index key_index_base + n."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(start, end, BLOCK_N):
@@ -289,14 +316,19 @@ def _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 
                       EVEN_D)
         v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, end, offs_d, D, MASKED,
                       EVEN_D)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 - lse2[:, None])
+        s, t = scores_log2(q, k, scale_log2, cap_scale, cap_log2, DOT_PRECISION, HAS_SOFTCAP)
+        p = tl.math.exp2(s - lse2[:, None])
         if MASKED and CAUSAL:
             p = tl.where(offs_n[None, :] <= q_pos[:, None] + causal_shift, p, 0.0)
         if HAS_PADDING:
             real = tl.load(pad_base + offs_n * stride_pn, mask=offs_n < end, other=0) != 0
             p = tl.where(real[None, :], p, 0.0)
+        if HAS_WINDOW:
+            p = tl.where(window_visible(q_pos + causal_shift, key_index_base + offs_n, window), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -314,15 +346,18 @@ def prefix_attention_bwd_dq_kernel(
     stride_pb, stride_pn,                # padding  [B, Lk] uint8
     stride_dob, stride_doh, stride_dom,  # grad_out [B, Hq, Lq, D]; lse, delta [B, Hq, Lq] fp32
     stride_dqb, stride_dqh, stride_dqm,  # dq       [B, Hq, Lq, D]
-    Hq, Lq, Lk, K_SLOTS, D, group, scale, scale_log2,
+    Hq, Lq, Lk, K_SLOTS, D, group, scale, scale_log2, cap_scale, cap_log2, window,
     lq_bucket, lk_bucket,
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # float arguments may arrive as fp64 (torch.compile's launcher types Python floats so)
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)
+    cap_scale = tl.cast(cap_scale, tl.float32)
+    cap_log2 = tl.cast(cap_log2, tl.float32)
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -340,13 +375,18 @@ def prefix_attention_bwd_dq_kernel(
     delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    causal_shift = Lk - Lq
+    reach = start_m * BLOCK_M + causal_shift - window + 1  # the smallest key index the block may see
     prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
     prompt = tl.maximum(prompt, 0).to(tl.int64)
+    slots_lo = 0
+    if HAS_WINDOW:
+        slots_lo = (tl.minimum(tl.maximum(reach + n_slots, 0), n_slots) // BLOCK_N) * BLOCK_N
     dq = _dq_over_keys(dq, q, do, lse2, delta, PK + prompt * stride_pkp + kvh * stride_pkh,
-                       PV + prompt * stride_pvp + kvh * stride_pvh, stride_pkn, stride_pvn, 0, n_slots, offs_m, 0,
-                       PADDING, 0, D, scale_log2, True, False, False, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+                       PV + prompt * stride_pvp + kvh * stride_pvh, stride_pkn, stride_pvn, slots_lo, n_slots, offs_m,
+                       causal_shift, PADDING, 0, D, scale_log2, cap_scale, cap_log2, -n_slots, window, True, False,
+                       False, HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
 
-    causal_shift = Lk - Lq
     if CAUSAL:
         free_end = tl.minimum(start_m * BLOCK_M + causal_shift + 1, Lk)
         hi = tl.minimum((start_m + 1) * BLOCK_M + causal_shift, Lk)
@@ -357,12 +397,18 @@ def prefix_attention_bwd_dq_kernel(
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     pad_base = PADDING + b * stride_pb
-    dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, free_end, offs_m,
-                       causal_shift, pad_base, stride_pn, D, scale_log2, False, CAUSAL, HAS_PADDING, EVEN_D,
-                       DOT_PRECISION, BLOCK_N, BLOCK_D)
-    dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, free_end, hi, offs_m,
-                       causal_shift, pad_base, stride_pn, D, scale_log2, True, CAUSAL, HAS_PADDING, EVEN_D,
-                       DOT_PRECISION, BLOCK_N, BLOCK_D)
+    if HAS_WINDOW:  # keys before the first query's reach are not visited; the rest is masked
+        keys_lo = (tl.minimum(tl.maximum(reach, 0), hi) // BLOCK_N) * BLOCK_N
+        dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, keys_lo, hi, offs_m,
+                           causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, True,
+                           CAUSAL, HAS_PADDING, True, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    else:
+        dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, free_end, offs_m,
+                           causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, False,
+                           CAUSAL, HAS_PADDING, False, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+        dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, free_end, hi, offs_m,
+                           causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, True,
+                           CAUSAL, HAS_PADDING, False, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
@@ -403,7 +449,8 @@ def _bshd_empty(shape, like):
 
 def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
                          key_padding_mask, out, lse, causal: bool, scale: float, deterministic: bool = True,
-                         seq_grads: bool = True, prefix_grads: bool = True):
+                         seq_grads: bool = True, prefix_grads: bool = True, window: Optional[int] = None,
+                         softcap: Optional[float] = None):
     """Launches the backward kernels; returns (dq, dk, dv, dprefix_k, dprefix_v).
 
     ``seq_grads=False`` skips the dk/dv and dq kernels, ``prefix_grads=False`` the prefix kernel
@@ -448,8 +495,10 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
     else:
         grad_pk = torch.zeros((P, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
         grad_pv = torch.zeros_like(grad_pk)
+    features = dict(HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None)
+    feature_args = (*softcap_args(scale, softcap), window if window is not None else NO_WINDOW)
     flags = dict(HAS_IDS=ids is not None, HAS_LENS=lens is not None, HAS_PADDING=key_padding_mask is not None,
-                 CAUSAL=causal, **common)
+                 CAUSAL=causal, **features, **common)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
                pv.stride(0), pv.stride(1), pv.stride(2), stride_pb, stride_pn,
@@ -465,8 +514,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), stride_pb, stride_pn,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            Hq, Hkv, Lq, Lk, D, Hq // Hkv, scale, scale * LOG2E, *buckets,
-            HAS_PADDING=key_padding_mask is not None, CAUSAL=causal, **common)
+            Hq, Hkv, Lq, Lk, D, Hq // Hkv, scale, scale * LOG2E, *feature_args, *buckets,
+            HAS_PADDING=key_padding_mask is not None, CAUSAL=causal, **features, **common)
 
     if n_slots_grad > 0:
         def prefix_grid(meta):
@@ -476,7 +525,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
             q, pk, pv, ids if ids is not None else q, lens if lens is not None else q, grad_out, lse, delta,
             grad_pk, grad_pv, q.stride(0), q.stride(1), q.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
             pv.stride(0), pv.stride(1), pv.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            Hq, Hkv, Lq, n_slots, D, Hq // Hkv, scale, scale * LOG2E, q_chunk, n_splits, *buckets,
+            Hq, Hkv, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *feature_args, q_chunk, n_splits, *buckets,
             DETERMINISTIC=deterministic,
             **flags)
 
@@ -487,7 +536,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
         launcher(prefix_attention_bwd_dq_kernel)[dq_grid](
             q, k, v, pk, pv, ids if ids is not None else q, lens if lens is not None else q, pad, grad_out, lse,
             delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-            Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *buckets, **flags)
+            Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *feature_args, *buckets, **flags)
 
     if n_slots_grad > 0:
         if deterministic:

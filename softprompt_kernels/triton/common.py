@@ -17,6 +17,8 @@ except ImportError as exc:  # the package works without triton; the backend repo
     TRITON_IMPORT_ERROR = f"triton is not installed ({exc})"
 
 LOG2E = 1.4426950408889634
+# "no sliding window": larger than any length a kernel sees (kept within int32, the kernels' index type)
+NO_WINDOW = 1 << 30
 
 
 def interpreting() -> bool:
@@ -42,10 +44,14 @@ def length_bucket(length: int) -> int:
 
 
 # Autotuning keys: everything that changes which configs are allowed or which is fastest.
-TUNING_KEY = ["BLOCK_D", "EVEN_D", "CAUSAL", "HAS_PADDING", "HAS_IDS", "HAS_LENS", "DOT_PRECISION",
+TUNING_KEY = ["BLOCK_D", "EVEN_D", "CAUSAL", "HAS_PADDING", "HAS_IDS", "HAS_LENS", "HAS_WINDOW", "HAS_SOFTCAP",
+              "DOT_PRECISION",
               "lq_bucket", "lk_bucket"]
 # Flags of the common fast case (one prompt, no padding, head dim a power of two).
-PLAIN = {"HAS_PADDING": False, "HAS_IDS": False, "HAS_LENS": False, "EVEN_D": True}
+# Without the sliding window and soft-capping (their masks and tanh values cost registers): the
+# condition of tiles that spill with them (compile_check).
+NO_FEATURES = {"HAS_WINDOW": False, "HAS_SOFTCAP": False}
+PLAIN = {"HAS_PADDING": False, "HAS_IDS": False, "HAS_LENS": False, **NO_FEATURES, "EVEN_D": True}
 
 # Small blocks under the interpreter, so that tests at small shapes still cross block boundaries.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}

@@ -42,14 +42,14 @@ class Job:
     def label(self) -> str:
         blocks = " ".join(f"{k}={v}" for k, v in self.blocks.items())
         variant = "-" if "CAUSAL" not in self.flags else ("causal" if self.flags["CAUSAL"] else "full") + (
-            "/plain" if self.flags.get("HAS_PADDING", True) is False else "")
+            "/plain" if self.flags.get("HAS_PADDING", True) is False else "/all")
         return (f"{self.kernel:<10} {variant:<12} sm_{self.arch} {self.dtype:<4} D={self.head_dim:<3} {blocks:<22} "
                 f"warps={self.num_warps} stages={self.num_stages}")
 
 
 _POINTERS = {
     "fwd": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
-            "PADDING": "*u8", "OUT": "T", "LSE": "*fp32"},
+            "PADDING": "*u8", "SINKS": "*fp32", "OUT": "T", "LSE": "*fp32"},
     "bwd_kv": {"Q": "T", "K": "T", "V": "T", "PADDING": "*u8", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32",
                "DK": "T", "DV": "T"},
     "bwd_prefix": {"Q": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64", "DO": "T",
@@ -59,7 +59,7 @@ _POINTERS = {
     "delta": {"OUT": "T", "DO": "T", "GRAD_LSE": "*fp32", "DELTA": "*fp32"},
     "reduce": {"PARTIAL": "*fp32", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64", "OUT": "T"},
 }
-_FLOAT_SCALARS = {"scale", "scale_log2"}
+_FLOAT_SCALARS = {"scale", "scale_log2", "cap_scale", "cap_log2"}
 _WGMMA_KERNELS = {"fwd", "bwd_kv", "bwd_prefix", "bwd_dq"}
 
 
@@ -86,7 +86,9 @@ def jobs_for(archs: List[int], dtypes: List[str]) -> List[Job]:
     from .forward import FWD_SPACE
 
     spaces = {"fwd": FWD_SPACE, "bwd_kv": BWD_SPACE, "bwd_prefix": PREFIX_SPACE, "bwd_dq": DQ_SPACE}
-    attention_flags = dict(HAS_IDS=True, HAS_LENS=True, HAS_PADDING=True, CAUSAL=True)
+    # sliding window, soft-capping and sinks on: the heaviest programs (docs/DESIGN.md section 2)
+    attention_flags = dict(HAS_IDS=True, HAS_LENS=True, HAS_PADDING=True, CAUSAL=True, HAS_WINDOW=True,
+                           HAS_SOFTCAP=True, HAS_SINKS=True)
     jobs = []
     for arch in archs:
         for dtype in dtypes:

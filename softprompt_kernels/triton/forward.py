@@ -4,7 +4,10 @@ One program = one block of BLOCK_M queries of one (row, q head). It streams firs
 the valid prefix slots of the row's prompt (never causally masked), then the row's
 visible sequence keys: blocks wholly below the causal diagonal run without masks,
 only the diagonal (and, with padding, every block) is masked; blocks above it are
-never visited. Online softmax in fp32 in base 2; out and lse (natural log) written.
+never visited. With a sliding window, blocks before the first query's reach are not
+visited either (work ~ Lq * window) and the visited ones are masked. Soft-capping
+applies ``cap * tanh(s / cap)`` to the scores; attention sinks join the normaliser in
+the epilogue. Online softmax in fp32 in base 2; out and lse (natural log) written.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import (LOG2E, PLAIN, TUNING_KEY, autotune_configs, head_block, launcher, length_bucket,
+from .common import (LOG2E, NO_FEATURES, NO_WINDOW, PLAIN, TUNING_KEY, autotune_configs, head_block, launcher, length_bucket,
                      prune_by_head_block, remember_arch, tl, triton)
 
 # Tuning space per padded head dim (BLOCK_D). Every entry compiles without register spills
@@ -27,7 +30,7 @@ FWD_SPACE = {
     32: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",)),
+         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, dtypes=("fp32",), when=NO_FEATURES),
          dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2, dtypes=("fp32",))],
     64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
@@ -63,19 +66,50 @@ def load_rows(ptrs, offs_rows, n_rows, offs_d, D, MASK_ROWS: tl.constexpr, EVEN_
 
 
 @triton.jit
+def tanh(x):
+    """tanh from one exp (Triton has no portable tanh), saturating to +-1; the fast division (a couple of
+    ulp, no IEEE slow path with its stack frame) is ample for soft-capped scores."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = tl.fdiv(1.0 - e, 1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def scores_log2(q, k, scale_log2, cap_scale, cap_log2, DOT_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Scores in base-2 units, soft-capped (cap * tanh(s / cap), s the scaled score) when HAS_SOFTCAP.
+    Returns (scores, tanh) [rows, cols]; tanh is what the backward needs for the cap's derivative."""
+    dot = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        t = tanh(dot * cap_scale)
+        return t * cap_log2, t
+    return dot * scale_log2, dot
+
+
+@triton.jit
+def window_visible(query_index, key_index, window):
+    """[rows, cols] bool: the key is within the query's sliding window (index difference < window)."""
+    return (query_index[:, None] - key_index[None, :]) < window
+
+
+@triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, end,
-                       q_pos, causal_shift, pad_base, stride_pn, D, scale_log2,
+                       q_pos, causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2,
+                       key_index_base, window,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                        EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Online-softmax update over keys [start, end). MASKED: bounds (and causal, if CAUSAL) masks."""
+    """Online-softmax update over keys [start, end). MASKED: bounds (and causal, if CAUSAL) masks.
+    Key n of the span has window index key_index_base + n; query m has q_pos + causal_shift."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, end, offs_d, D,
                       MASKED, EVEN_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        qk, _ = scores_log2(q, k, scale_log2, cap_scale, cap_log2, DOT_PRECISION, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        if HAS_WINDOW:
+            qk = tl.where(window_visible(q_pos + causal_shift, key_index_base + offs_n, window), qk, float("-inf"))
         if MASKED:  # one comparison per score: the row's last visible key (bounds and causality)
             if CAUSAL:
                 last_key = tl.minimum(q_pos + causal_shift, end - 1)
@@ -116,7 +150,7 @@ def prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS: tl.constexpr, HA
                  prune_configs_by={"early_config_prune": prune_by_head_block(FWD_SPACE)})
 @triton.jit
 def prefix_attention_fwd_kernel(
-    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, OUT, LSE,
+    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, SINKS, OUT, LSE,
     stride_qb, stride_qh, stride_qm,     # q           [B, Hq, Lq, D]
     stride_kb, stride_kh, stride_kn,     # k           [B, Hkv, Lk, D]
     stride_vb, stride_vh, stride_vn,     # v           [B, Hkv, Lk, D]
@@ -125,14 +159,18 @@ def prefix_attention_fwd_kernel(
     stride_pb, stride_pn,                # padding     [B, Lk] uint8 (1 = real token)
     stride_ob, stride_oh, stride_om,     # out         [B, Hq, Lq, D]; lse [B, Hq, Lq] contiguous fp32
     Hq, Lq, Lk, K_SLOTS, D, group, scale_log2,
+    cap_scale, cap_log2, window,         # softcap: scale / cap and cap * log2(e); sliding window; sinks [Hq] fp32
     lq_bucket, lk_bucket,                # autotuning keys only
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # float arguments may arrive as fp64 (torch.compile's launcher types Python floats so):
     # fp32 keeps every product and the dot accumulators fp32
     scale_log2 = tl.cast(scale_log2, tl.float32)
+    cap_scale = tl.cast(cap_scale, tl.float32)
+    cap_log2 = tl.cast(cap_log2, tl.float32)
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -147,21 +185,33 @@ def prefix_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # The prompt's prefix: visible to every query of the row.
+    causal_shift = Lk - Lq
+    # With a sliding window: the smallest key index the block's first query can reach.
+    reach = start_m * BLOCK_M + causal_shift - window + 1
+
+    # The prompt's prefix: visible to every query of the row (slot s at window index s - n_slots).
     prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
     prompt = tl.maximum(prompt, 0).to(tl.int64)
     pk_base = PK + prompt * stride_pkp + kvh * stride_pkh
     pv_base = PV + prompt * stride_pvp + kvh * stride_pvh
-    full_slots = (n_slots // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, 0,
-                                       full_slots, offs_m, 0, PADDING, 0, D, scale_log2, False, False,
-                                       False, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
-    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn,
-                                       full_slots, n_slots, offs_m, 0, PADDING, 0, D, scale_log2, True,
-                                       False, False, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    if HAS_WINDOW:  # every visited block masked; slots before the first query's reach are not visited
+        slots_lo = (tl.minimum(tl.maximum(reach + n_slots, 0), n_slots) // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, slots_lo,
+                                           n_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2, cap_scale,
+                                           cap_log2, -n_slots, window, True, False, False, True, HAS_SOFTCAP,
+                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    else:
+        full_slots = (n_slots // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, 0,
+                                           full_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2, cap_scale,
+                                           cap_log2, 0, window, False, False, False, False, HAS_SOFTCAP,
+                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn,
+                                           full_slots, n_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2,
+                                           cap_scale, cap_log2, 0, window, True, False, False, False, HAS_SOFTCAP,
+                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
 
     # The row's own keys: unmasked blocks below the diagonal, then the masked diagonal band.
-    causal_shift = Lk - Lq
     if CAUSAL:
         free_end = tl.minimum(start_m * BLOCK_M + causal_shift + 1, Lk)
         hi = tl.minimum((start_m + 1) * BLOCK_M + causal_shift, Lk)
@@ -172,13 +222,29 @@ def prefix_attention_fwd_kernel(
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     pad_base = PADDING + b * stride_pb
-    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, free_end,
-                                       offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, False,
-                                       CAUSAL, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
-    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, free_end, hi,
-                                       offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, True,
-                                       CAUSAL, HAS_PADDING, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    if HAS_WINDOW:  # keys before the first query's reach are not visited; the rest is masked
+        keys_lo = (tl.minimum(tl.maximum(reach, 0), hi) // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, keys_lo, hi,
+                                           offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale,
+                                           cap_log2, 0, window, True, CAUSAL, HAS_PADDING, True, HAS_SOFTCAP,
+                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    else:
+        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, free_end,
+                                           offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale,
+                                           cap_log2, 0, window, False, CAUSAL, HAS_PADDING, False, HAS_SOFTCAP,
+                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, free_end, hi,
+                                           offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale,
+                                           cap_log2, 0, window, True, CAUSAL, HAS_PADDING, False, HAS_SOFTCAP,
+                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
 
+    if HAS_SINKS:  # one more logit per head in the normaliser, with no value
+        sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        rescale = tl.math.exp2(m_i - m_new)
+        acc = acc * rescale[:, None]
+        l_i = l_i * rescale + tl.math.exp2(sink - m_new)
+        m_i = m_new
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634,
@@ -186,6 +252,11 @@ def prefix_attention_fwd_kernel(
     out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+def softcap_args(scale: float, softcap: Optional[float]) -> Tuple[float, float]:
+    """(scale / cap, cap * log2(e)) for the kernels (ones when there is no cap: never read then)."""
+    return (scale / softcap, softcap * LOG2E) if softcap is not None else (1.0, 1.0)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -213,7 +284,8 @@ def usable_prefix(q, prefix_k, prefix_v, prompt_ids, prefix_lens):
 
 
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
-                         causal: bool, scale: float):
+                         causal: bool, scale: float, window: Optional[int] = None, softcap: Optional[float] = None,
+                         sinks: Optional[torch.Tensor] = None):
     """Launches the forward kernel. Returns out [B, Hq, Lq, D] (laid out [B, Lq, Hq, D]) and lse fp32."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -234,7 +306,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, k
     launcher(prefix_attention_fwd_kernel)[grid](
         q, k, v, prefix_k, prefix_v,
         prompt_ids if prompt_ids is not None else q, prefix_lens if prefix_lens is not None else q, pad,
-        out, lse,
+        sinks if sinks is not None else lse, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -242,10 +314,12 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, k
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
         stride_pb, stride_pn,
         out.stride(0), out.stride(1), out.stride(2),
-        Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale * LOG2E,
+        Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale * LOG2E, *softcap_args(scale, softcap),
+        window if window is not None else NO_WINDOW,
         length_bucket(Lq), length_bucket(Lk),
         HAS_IDS=prompt_ids is not None, HAS_LENS=prefix_lens is not None,
         HAS_PADDING=key_padding_mask is not None, CAUSAL=causal,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None,
         BLOCK_D=block_d, EVEN_D=block_d == D, DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse

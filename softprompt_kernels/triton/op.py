@@ -60,24 +60,26 @@ if TRITON_IMPORT_ERROR is None:
     @_define("softprompt_kernels::triton_prefix_attention_fwd", mutates_args=())
     def triton_prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                                     prompt_ids: Optional[Tensor], prefix_lens: Optional[Tensor],
-                                    key_padding_mask: Optional[Tensor], causal: bool,
-                                    scale: float) -> Tuple[Tensor, Tensor]:
+                                    key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+                                    window: Optional[int] = None, softcap: Optional[float] = None,
+                                    sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         return prefix_attention_fwd(_as_rows(q), _as_rows(k), _as_rows(v), _as_rows(prefix_k), _as_rows(prefix_v),
-                                    _dense(prompt_ids), _dense(prefix_lens), key_padding_mask, causal, scale)
+                                    _dense(prompt_ids), _dense(prefix_lens), key_padding_mask, causal, scale,
+                                    window, softcap, None if sinks is None else sinks.float().contiguous())
 
     @_define("softprompt_kernels::triton_prefix_attention_bwd", mutates_args=())
     def triton_prefix_attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
                                     v: Tensor, prefix_k: Tensor, prefix_v: Tensor, prompt_ids: Optional[Tensor],
                                     prefix_lens: Optional[Tensor], key_padding_mask: Optional[Tensor],
                                     out: Tensor, lse: Tensor, causal: bool, scale: float,
-                                    deterministic: bool, seq_grads: bool = True,
-                                    prefix_grads: bool = True) -> List[Tensor]:
+                                    deterministic: bool, seq_grads: bool = True, prefix_grads: bool = True,
+                                    window: Optional[int] = None, softcap: Optional[float] = None) -> List[Tensor]:
         # grad_lse is read as a contiguous [B, Hq, Lq] array (it is often an expanded view, e.g. of lse.sum())
         grad_lse = grad_lse.float().contiguous() if grad_lse is not None else None
         grads = prefix_attention_bwd(_as_rows(grad_out), grad_lse, _as_rows(q), _as_rows(k), _as_rows(v),
                                      _as_rows(prefix_k), _as_rows(prefix_v), _dense(prompt_ids), _dense(prefix_lens),
                                      key_padding_mask, out, lse, causal, scale, deterministic, seq_grads,
-                                     prefix_grads)
+                                     prefix_grads, window, softcap)
         return list(grads)
 
     if interpreting():  # custom_op needs fake kernels; triton_op derives them by tracing
@@ -85,13 +87,12 @@ if TRITON_IMPORT_ERROR is None:
 
         @triton_prefix_attention_bwd.register_fake
         def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse,
-              causal, scale, deterministic, seq_grads=True, prefix_grads=True):
+              causal, scale, deterministic, seq_grads=True, prefix_grads=True, window=None, softcap=None):
             return list(backward_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
                                       key_padding_mask, out, lse, causal, scale, seq_grads, prefix_grads))
 
     _backward, _setup_context = prefix_attention_autograd(
-        torch.ops.softprompt_kernels.triton_prefix_attention_bwd, extra_args=lambda: (_deterministic(),),
-        input_mask=True)
+        torch.ops.softprompt_kernels.triton_prefix_attention_bwd, extra_args=lambda: (_deterministic(),))
     triton_prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -128,7 +129,7 @@ class TritonBackend(Backend):
     def run(self, inputs, return_lse):
         out, lse = torch.ops.softprompt_kernels.triton_prefix_attention_fwd(
             inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids, inputs.prefix_lens,
-            inputs.key_padding_mask, inputs.causal, inputs.scale)
+            inputs.key_padding_mask, inputs.causal, inputs.scale, inputs.window, inputs.softcap, inputs.sinks)
         return out, (lse if return_lse else None)
 
 

@@ -20,14 +20,15 @@ std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double scale, int64_t num_splits, int64_t num_sms) {
+    bool causal, double scale, int64_t num_splits, int64_t num_sms, std::optional<int64_t> window,
+    std::optional<double> softcap, const std::optional<at::Tensor>& sinks) {
   softprompt::CudaForwardTarget target;
   target.device_type = at::kCPU;
   target.sms = int(num_sms);
   target.major = 9;
   target.forced_splits = int(num_splits);
   auto [out, lse, err] = softprompt::cuda_forward(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                                                  key_padding_mask, causal, scale, target);
+                                                  key_padding_mask, causal, scale, window, softcap, sinks, target);
   TORCH_CHECK(err == 0, "emulated launch failed with error ", err);
   return {out, lse};
 }
@@ -43,7 +44,10 @@ std::vector<int64_t> decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward);
+  m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
+        py::arg("prompt_ids"), py::arg("prefix_lens"), py::arg("key_padding_mask"), py::arg("causal"),
+        py::arg("scale"), py::arg("num_splits"), py::arg("num_sms"), py::arg("window") = py::none(),
+        py::arg("softcap") = py::none(), py::arg("sinks") = py::none());
   m.def("decode_plan", &decode_plan);
   m.def("decode_max_queries", [] { return int64_t(sc::kDecodeMaxQueries); });
 }
