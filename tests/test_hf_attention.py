@@ -26,8 +26,19 @@ def test_no_prefix_matches_sdpa(model_type, left):
     torch.testing.assert_close(actual[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
-def test_unsupported_family_is_named():
+def test_unsupported_family_is_named_with_its_reason():
     from transformers import FalconConfig
 
-    with pytest.raises(UnsupportedModelError, match=r"'falcon' is not supported .*'bert'.*'llama'"):
-        family_of(FalconConfig())
+    with pytest.raises(UnsupportedModelError, match=r"'falcon' cannot be accelerated: it uses ALiBi"):
+        family_of(FalconConfig(alibi=True))
+
+
+def test_a_window_only_in_the_mask_function_reaches_the_op():
+    """PhiMoE-style: the sliding window is in the mask the model builds, not in its attention's arguments."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    from softprompt_kernels.hf.attention import WINDOW_ATTRIBUTE, softprompt_mask
+
+    mask = softprompt_mask(2, 3, 5, mask_function=sliding_window_causal_mask_function(7), attention_mask=None)
+    assert mask.shape == (2, 5) and bool(mask.all()) and getattr(mask, WINDOW_ATTRIBUTE) == 7
+    assert softprompt_mask(2, 3, 5, mask_function=causal_mask_function, attention_mask=None) is None

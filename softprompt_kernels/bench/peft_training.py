@@ -38,25 +38,46 @@ class Case:
     vocab: int = 1000
     intermediate: int = 688
     dtype: str = "float32"
+    family: str = "llama"  # "llama", "gemma3_text" (sliding + full layers), "gpt_oss" (sinks, windows, experts)
 
     @property
     def name(self) -> str:
-        return (f"llama h{self.hidden} L{self.layers} H{self.heads}/{self.kv_heads} {self.method} B{self.B} "
+        return (f"{self.family} h{self.hidden} L{self.layers} H{self.heads}/{self.kv_heads} {self.method} B{self.B} "
                 f"n{self.n} k{self.k} {self.dtype}")
 
     def config(self) -> Dict[str, Any]:
         return {"name": self.name, **asdict(self)}
 
 
-def _llama(case: Case, device):
+def _family_config(case: Case):
+    """A model of the case's shape in its family, with the family's attention features as its real checkpoints
+    set them (Gemma 3: five sliding layers of 512 per full one; gpt-oss: alternating 128-token windows, sinks)."""
     import transformers
 
-    config = transformers.LlamaConfig(
-        hidden_size=case.hidden, intermediate_size=case.intermediate, num_hidden_layers=case.layers,
-        num_attention_heads=case.heads, num_key_value_heads=case.kv_heads, vocab_size=case.vocab,
-        max_position_embeddings=case.n + case.k + 16, attention_dropout=0.0)
+    common = dict(hidden_size=case.hidden, intermediate_size=case.intermediate, num_hidden_layers=case.layers,
+                  num_attention_heads=case.heads, num_key_value_heads=case.kv_heads, vocab_size=case.vocab,
+                  max_position_embeddings=case.n + case.k + 16, attention_dropout=0.0)
+    if case.family == "llama":
+        return transformers.LlamaConfig(**common), "sdpa"
+    head_dim = case.hidden // case.heads
+    if case.family == "gemma3_text":
+        layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(case.layers)]
+        return transformers.Gemma3TextConfig(**common, head_dim=head_dim, sliding_window=512,
+                                             layer_types=layer_types), "sdpa"
+    if case.family == "gpt_oss":
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(case.layers)]
+        config = transformers.GptOssConfig(**common, head_dim=head_dim, sliding_window=128, layer_types=layer_types,
+                                           num_local_experts=4, num_experts_per_tok=2)
+        return config, "eager"  # transformers has no SDPA path for attention sinks
+    raise ValueError(f"unknown family {case.family!r}")
+
+
+def _model(case: Case, device):
+    import transformers
+
+    config, attention = _family_config(case)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     return model.to(device=device, dtype=getattr(torch, case.dtype)).train()
 
 
@@ -84,7 +105,7 @@ def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, case.vocab, (case.B, case.n), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    base = _llama(case, device)
+    base = _model(case, device)
     for p in base.parameters():
         p.requires_grad_(False)
     providers: Dict[str, Callable[[], Any]] = {}
@@ -120,11 +141,33 @@ _ACCEPTANCE_CPU = Case("prompt", B=16, n=128, k=100)  # the tiny Llama-shaped mo
 _GPU_1B = Case("prompt", B=32, n=256, k=100, hidden=2048, layers=16, heads=32, kv_heads=8, vocab=32000,
                intermediate=5632, dtype="bfloat16")
 
+def goals(records) -> List[str]:
+    """The CPU training-step goals (docs/DESIGN.md section 7), per case: accelerated vs PEFT and vs the bare model."""
+    by: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        by.setdefault(r.config["name"], {})[r.provider] = r
+    lines = []
+    for name, recs in by.items():
+        if not {"peft", "accelerated", "bare"} <= set(recs):
+            continue
+        method = recs["accelerated"].config["method"]
+        speedup = recs["peft"].ms / recs["accelerated"].ms
+        vs_bare = recs["accelerated"].ms / recs["bare"].ms
+        want = 1.6 if method == "prompt" else 1.1
+        line = f"{name}: {speedup:.2f}x faster than PEFT (goal >= {want}x: {'met' if speedup >= want else 'NOT met'})"
+        if method == "prompt":
+            line += f", {vs_bare:.2f}x the bare model's time (goal <= 1.15x: {'met' if vs_bare <= 1.15 else 'NOT met'})"
+        lines.append(line)
+    return lines
+
+
 SUITES: Dict[str, Suite] = {
     # 20 s of interleaved rounds per case: 5 s left the accelerated/bare ratio +-5% apart between runs on
     # a shared 2-core machine; longer runs narrow the sampling noise, but slow phases of the machine still
     # move the ratios by a few percent from run to run (report several runs).
-    "peft-cpu": Suite("peft-cpu", "cpu", [_ACCEPTANCE_CPU, replace(_ACCEPTANCE_CPU, method="prefix")],
+    "peft-cpu": Suite("peft-cpu", "cpu", [_ACCEPTANCE_CPU, replace(_ACCEPTANCE_CPU, method="prefix"),
+                                          replace(_ACCEPTANCE_CPU, family="gemma3_text"),
+                                          replace(_ACCEPTANCE_CPU, family="gpt_oss")],
                       Timing(reps=20, warmup=2, min_time_s=20.0)),
     "peft-cpu-quick": Suite("peft-cpu-quick", "cpu", [Case("prompt", B=2, n=16, k=8, hidden=64, layers=2, heads=4,
                                                            kv_heads=2, vocab=100, intermediate=96)],

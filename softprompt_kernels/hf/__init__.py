@@ -10,8 +10,8 @@ check_tested_versions()
 from .accelerate import AccelerationError, accelerate, is_accelerated, restore  # noqa: E402
 from .attention import ATTENTION_NAME, SoftPromptContext, register, use_softprompt_attention  # noqa: E402
 from .checkpoints import load_trainable, save_trainable  # noqa: E402
-from .families import FAMILIES, UnsupportedModelError, family_of  # noqa: E402
+from .families import EXCEPTIONS, UnsupportedModelError, family_of, unsupported_reason  # noqa: E402
 
 __all__ = ["accelerate", "restore", "save_trainable", "load_trainable", "is_accelerated", "AccelerationError",
-           "SoftPromptContext", "register", "use_softprompt_attention", "ATTENTION_NAME", "FAMILIES",
+           "SoftPromptContext", "register", "use_softprompt_attention", "ATTENTION_NAME", "EXCEPTIONS", "unsupported_reason",
            "UnsupportedModelError", "family_of"]

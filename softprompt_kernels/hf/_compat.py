@@ -81,6 +81,33 @@ def register_attention(name: str, attention_fn, mask_fn) -> None:
     AttentionMaskInterface.register(name, mask_fn)
 
 
+def is_masked_lm_family(model_type) -> bool:
+    """A bidirectional encoder family (one transformers maps to a masked-LM head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def sliding_window_of(mask_function, _depth: int = 0):
+    """The sliding window a transformers mask function applies (None if none).
+
+    Some families build a sliding-window mask without passing ``sliding_window`` to their attention
+    (PhiMoE): the window then lives only in the mask function, a composition (and_masks / or_masks) of
+    closures one of which is ``sliding_window_overlay(sliding_window)``; it is found by walking them."""
+    if mask_function is None or _depth > 8 or not hasattr(mask_function, "__code__"):
+        return None
+    cells = dict(zip(mask_function.__code__.co_freevars, (c.cell_contents for c in mask_function.__closure__ or ())))
+    if mask_function.__qualname__.startswith("sliding_window_overlay") and isinstance(cells.get("sliding_window"), int):
+        return cells["sliding_window"]
+    for value in cells.values():
+        for inner in value if isinstance(value, (tuple, list)) else (value,):
+            if callable(inner):
+                window = sliding_window_of(inner, _depth + 1)
+                if window is not None:
+                    return window
+    return None
+
+
 def attention_implementation(model) -> str:
     return model.config._attn_implementation
 

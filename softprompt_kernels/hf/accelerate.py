@@ -13,6 +13,7 @@ Text positions start at k (PEFT's convention); ``logits`` cover the text positio
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -47,20 +48,24 @@ def accelerate(peft_model):
     if method not in SUPPORTED_METHODS:
         raise AccelerationError(f"peft_type {method} is not supported; supported: {list(SUPPORTED_METHODS)}")
     model = peft_model.get_base_model()
-    family = family_of(model.config)
+    family = family_of(model.config, model)
     task = _compat.task_type_name(config)
     tasks = DECODER_TASKS if family.causal else ENCODER_TASKS
     if task not in tasks:
         kind = "causal decoders" if family.causal else "encoders"
         raise AccelerationError(f"task_type {task} on {family.model_type} is not supported; {kind} take {list(tasks)}")
     previous_attention = use_softprompt_attention(model)
-    setattr(peft_model, _STATE, {"attention": previous_attention})
     if family.causal:
         forward = _prefix_forward if method == "PREFIX_TUNING" else _prompt_forward
-        peft_model.generate = _generate.__get__(peft_model)
     else:
         forward = _encoder_prefix_forward if method == "PREFIX_TUNING" else _encoder_prompt_forward
-    peft_model.forward = forward.__get__(peft_model)
+    # partials, not bound methods: they pickle (torch.save of the whole model) and keep the signature
+    # (Trainer reads forward's parameters to pick dataset columns)
+    state = {"attention": previous_attention, "family": family, "forward": functools.partial(forward, peft_model)}
+    setattr(peft_model, _STATE, state)
+    peft_model.forward = state["forward"]
+    if family.causal:
+        peft_model.generate = functools.partial(_generate, peft_model)
     return peft_model
 
 
@@ -78,6 +83,29 @@ def restore(peft_model):
 
 def is_accelerated(peft_model) -> bool:
     return getattr(peft_model, _STATE, None) is not None
+
+
+def _family(peft_model):
+    """The family accelerate() found (checked once there, not on every forward)."""
+    return getattr(peft_model, _STATE)["family"]
+
+
+def _adapter_disabled(peft_model) -> bool:
+    """Inside PEFT's ``with model.disable_adapter():`` PEFT swaps the model's forward for the base model's."""
+    return peft_model.__dict__.get("forward") is not getattr(peft_model, _STATE)["forward"]
+
+
+def _as_requested(out, return_dict, model):
+    """The output as a ModelOutput or, with return_dict=False (or the config's use_return_dict off), a tuple."""
+    if return_dict is None:
+        return_dict = getattr(model.config, "use_return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+def _check_mask(attention_mask, length: int, past: int) -> None:
+    if attention_mask is not None and attention_mask.shape[-1] != past + length:
+        raise ValueError(f"attention_mask must cover the {past} cached and {length} new tokens ([B, {past + length}]), "
+                         f"got shape {tuple(attention_mask.shape)}")
 
 
 # --- positions and cache arguments
@@ -126,21 +154,25 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         context = context_for(prefix_tuning_layers(self))
     cache = _compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
+    _check_mask(attention_mask, length, past)
     if position_ids is None:
-        position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
+        position_ids = _text_positions(_family(self), k, batch, length, past, attention_mask, device)
     else:
         position_ids = position_ids + (k[:, None] if isinstance(k, torch.Tensor) else k)  # PEFT's offset
     if cache is not None:
         kwargs[_compat.cache_argument(model)] = cache
-    return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                 position_ids=position_ids, output_attentions=output_attentions,
-                 output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                position_ids=position_ids, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
+    return _as_requested(out, return_dict, model)
 
 
 def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                     output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
                     position_ids=None, **kwargs):
     model = self.get_base_model()
+    if inputs_embeds is not None:
+        input_ids = None  # PEFT's prompt tuning uses the embeddings when given both
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
     if position_ids is not None:
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
@@ -156,16 +188,17 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         context, first_logits = context_for(prompt_pass.layers), prompt_pass.last_logits
     cache = _compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
-    position_ids = _text_positions(family_of(model.config), k, batch, length, past, attention_mask, device)
+    _check_mask(attention_mask, length, past)
+    position_ids = _text_positions(_family(self), k, batch, length, past, attention_mask, device)
     if cache is not None:
         kwargs[_compat.cache_argument(model)] = cache
     num_items = kwargs.pop("num_items_in_batch", None)
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 position_ids=position_ids, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
-    if labels is not None:
-        out.loss = _prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt)
-    return out
+    if labels is not None:  # rebuilt, not assigned: the loss must come first in the tuple form
+        out = type(out)(loss=_prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt), **out)
+    return _as_requested(out, return_dict, model)
 
 
 def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, has_prompt=None):
@@ -205,13 +238,14 @@ def _encoder_prefix_forward(self, input_ids=None, attention_mask=None, inputs_em
     k = config.num_virtual_tokens
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
     if position_ids is None:
-        position_ids = _text_positions(family_of(model.config), k, batch, length, 0, attention_mask, device, model)
+        position_ids = _text_positions(_family(self), k, batch, length, 0, attention_mask, device, model)
     else:
         position_ids = position_ids + k
-    return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                 position_ids=position_ids, output_attentions=output_attentions,
-                 output_hidden_states=output_hidden_states, return_dict=True,
-                 softprompt_context=context_for(prefix_tuning_layers(self)), **kwargs)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                position_ids=position_ids, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, return_dict=True,
+                softprompt_context=context_for(prefix_tuning_layers(self)), **kwargs)
+    return _as_requested(out, return_dict, model)
 
 
 def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
@@ -245,9 +279,10 @@ def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_em
     if per_token:
         out.logits = out.logits[:, k:]
         if labels is not None:
-            out.loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
-                                       labels.to(out.logits.device).reshape(-1), ignore_index=-100)
-    return out
+            loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
+                                   labels.to(out.logits.device).reshape(-1), ignore_index=-100)
+            out = type(out)(loss=loss, **out)
+    return _as_requested(out, return_dict, model)
 
 
 # --- generation
@@ -261,7 +296,11 @@ def _generate(self, *gen_args, **gen_kwargs):
     """
     config = _compat.active_config(self)
     model = self.get_base_model()
-    family = family_of(model.config)
+    if getattr(self, "generation_config", None) is not None:
+        model.generation_config = self.generation_config  # one assigned on the PeftModel rules, as in PEFT
+    if _adapter_disabled(self):  # with model.disable_adapter(): the base model's tokens
+        return model.generate(*gen_args, **gen_kwargs)
+    family = _family(self)
     k = config.num_virtual_tokens
     gen_kwargs.pop("task_ids", None)
     with torch.no_grad():

@@ -78,7 +78,12 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     else:
         prefix_k = prefix_v = key.new_zeros((1, key.shape[1], 0, key.shape[3]))
         prompt_ids = prefix_lens = None
-    features = dict(window=int(sliding_window) if sliding_window is not None else None,
+    # the mask's window is what eager and SDPA attention apply (the argument serves flash attention); they agree
+    # where a family passes both
+    window = getattr(attention_mask, WINDOW_ATTRIBUTE, None) if attention_mask is not None else None
+    if window is None:
+        window = sliding_window
+    features = dict(window=int(window) if window is not None else None,
                     softcap=float(softcap) if softcap is not None else None,
                     sinks=s_aux.to(query.dtype) if s_aux is not None else None)
     mask = attention_mask.bool() if attention_mask is not None else None
@@ -106,15 +111,28 @@ def _common_dtype(query, key, value):
     return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
+WINDOW_ATTRIBUTE = "_softprompt_window"
+
+
 def softprompt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-                    mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-    """The mask transformers builds for us: the 2D key padding mask (bool [B, kv_length]) or None."""
+                    mask_function=None, attention_mask: Optional[torch.Tensor] = None, device=None, **kwargs):
+    """The mask transformers builds for us: the 2D key padding mask (bool [B, kv_length]) or None.
+
+    When the model's mask function applies a sliding window, the mask carries it (as an attribute of the
+    returned tensor, an all-True mask when there is no padding): some families put their window only
+    into the mask, not into the arguments of their attention."""
+    window = _compat.sliding_window_of(mask_function)
     if attention_mask is None:
-        return None
-    mask = attention_mask[:, -kv_length:].bool()
-    if mask.shape[-1] != kv_length:
-        raise ValueError(f"attention_mask covers {mask.shape[-1]} keys but attention sees {kv_length} "
-                         "(static caches are not supported by softprompt attention)")
+        if window is None:
+            return None
+        mask = torch.ones((batch_size, kv_length), dtype=torch.bool, device=device)
+    else:
+        mask = attention_mask[:, -kv_length:].bool()
+        if mask.shape[-1] != kv_length:
+            raise ValueError(f"attention_mask covers {mask.shape[-1]} keys but attention sees {kv_length}: a mask "
+                             "shorter than the sequence, or a static cache (which softprompt attention does not take)")
+    if window is not None:
+        setattr(mask, WINDOW_ATTRIBUTE, window)
     return mask
 
 
@@ -129,3 +147,6 @@ def use_softprompt_attention(model) -> str:
     previous = _compat.attention_implementation(model)
     _compat.set_attention_implementation(model, ATTENTION_NAME)
     return previous
+
+
+register()  # at import: a model saved while accelerated (attn_implementation="softprompt") loads anywhere
