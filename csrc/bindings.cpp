@@ -32,9 +32,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale, std::optional<int64_t> window, std::optional<double> softcap,
-    const std::optional<at::Tensor>& sinks) {
-  PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                                     key_padding_mask, causal, scale, at::kCPU, window, softcap, sinks);
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& prefix_offsets) {
+  PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
+                                     causal, scale, at::kCPU, window, softcap, sinks, prefix_offsets);
   check_index_values_on_host(in);
   auto [out, lse] = allocate_forward_outputs(in);
   PrefixAttentionParams params = make_params(in);
@@ -51,10 +51,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool seq_grads,
-    bool prefix_grads, std::optional<int64_t> window, std::optional<double> softcap) {
+    bool prefix_grads, std::optional<int64_t> window, std::optional<double> softcap,
+    const std::optional<at::Tensor>& prefix_offsets) {
   // Sinks need nothing here: lse (which includes them) and out already carry their effect.
-  PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                                     key_padding_mask, causal, scale, at::kCPU, window, softcap);
+  PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
+                                     causal, scale, at::kCPU, window, softcap, std::nullopt, prefix_offsets);
   check_index_values_on_host(in);
   PreparedGradInputs gin = prepare_grad_inputs(in, grad_out, grad_lse, out, lse);
   GradOutputs grads = allocate_grad_outputs(in, seq_grads, prefix_grads);
@@ -72,12 +73,14 @@ TORCH_LIBRARY(softprompt_kernels, m) {
   m.def(
       "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor? prompt_ids, Tensor? prefix_lens, Tensor? key_padding_mask, bool causal, "
-      "float scale, int? window=None, float? softcap=None, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+      "float scale, int? window=None, float? softcap=None, Tensor? sinks=None, Tensor? prefix_offsets=None) -> "
+      "(Tensor out, Tensor lse)");
   m.def(
       "prefix_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor prefix_k, Tensor prefix_v, Tensor? prompt_ids, Tensor? prefix_lens, "
       "Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, "
-      "bool seq_grads=True, bool prefix_grads=True, int? window=None, float? softcap=None) -> "
+      "bool seq_grads=True, bool prefix_grads=True, int? window=None, float? softcap=None, "
+      "Tensor? prefix_offsets=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_prefix_k, Tensor grad_prefix_v)");
 }
 

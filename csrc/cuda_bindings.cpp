@@ -41,13 +41,13 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cuda(
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale, std::optional<int64_t> window, std::optional<double> softcap,
-    const std::optional<at::Tensor>& sinks) {
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& prefix_offsets) {
   const c10::cuda::CUDAGuard guard(q.device());
   CudaForwardTarget target = device_facts(q.device().index());
   target.device_type = at::kCUDA;
   target.stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   auto [out, lse, err] = cuda_forward(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
-                                      causal, scale, window, softcap, sinks, target);
+                                      causal, scale, window, softcap, sinks, prefix_offsets, target);
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return {out, lse};
 }
@@ -55,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, bool, double, bool, bool, std::optional<int64_t>, std::optional<double>) {
+    const at::Tensor&, bool, double, bool, bool, std::optional<int64_t>, std::optional<double>,
+    const std::optional<at::Tensor>&) {
   TORCH_CHECK_NOT_IMPLEMENTED(false,
                               "the cuda backend of prefix_attention is forward-only (serving and "
                               "prefill); train with backend='triton' (or 'auto', which picks it "

@@ -45,9 +45,10 @@ inline std::tuple<at::Tensor, at::Tensor, int> cuda_forward(
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale, std::optional<int64_t> window, std::optional<double> softcap,
-    const std::optional<at::Tensor>& sinks, const CudaForwardTarget& target) {
-  PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                                     key_padding_mask, causal, scale, target.device_type, window, softcap, sinks);
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& prefix_offsets,
+    const CudaForwardTarget& target) {
+  PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
+                                     causal, scale, target.device_type, window, softcap, sinks, prefix_offsets);
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf,
                    "the cuda backend takes bfloat16 or float16 q, got ", dtype,

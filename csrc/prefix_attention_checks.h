@@ -24,6 +24,7 @@ struct PreparedInputs {
   int64_t window = 0;   // 0: no sliding window
   double softcap = 0;   // 0: no soft-capping
   at::Tensor sinks;     // [Hq] contiguous in the accumulation dtype, or undefined
+  at::Tensor prefix_offsets;  // [B] int64 contiguous, or undefined
 };
 
 struct PreparedGradInputs {
@@ -64,7 +65,8 @@ inline PreparedInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, c
                                      bool causal, double scale, at::DeviceType device_type,
                                      std::optional<int64_t> window = std::nullopt,
                                      std::optional<double> softcap = std::nullopt,
-                                     const std::optional<at::Tensor>& sinks = std::nullopt) {
+                                     const std::optional<at::Tensor>& sinks = std::nullopt,
+                                     const std::optional<at::Tensor>& prefix_offsets = std::nullopt) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                        dtype == at::kHalf,
@@ -111,6 +113,16 @@ inline PreparedInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, c
     TORCH_CHECK_VALUE(sinks->device() == q.device(), "sinks must be on q's device ", q.device(), ", got ",
                       sinks->device());
     in.sinks = sinks->to(accumulation_dtype(dtype)).contiguous();
+  }
+  if (prefix_offsets.has_value()) {
+    const auto& offs = *prefix_offsets;
+    TORCH_CHECK_TYPE(offs.scalar_type() == at::kLong || offs.scalar_type() == at::kInt,
+                     "prefix_offsets must be int32 or int64, got ", offs.scalar_type());
+    TORCH_CHECK_VALUE(offs.dim() == 1 && offs.size(0) == in.B, "prefix_offsets must have shape [B=", in.B,
+                      "], got ", offs.sizes());
+    TORCH_CHECK_VALUE(offs.device() == q.device(), "prefix_offsets must be on q's device ", q.device(), ", got ",
+                      offs.device());
+    in.prefix_offsets = offs.to(at::kLong).contiguous();
   }
 
   if (prompt_ids.has_value()) {
@@ -169,6 +181,11 @@ inline void check_index_values_on_host(const PreparedInputs& in) {
     TORCH_CHECK_VALUE(lo >= 0 && hi <= in.K, "prefix_lens must lie in [0, K=", in.K, "], got values in [",
                       lo, ", ", hi, "]");
   }
+  if (in.prefix_offsets.defined() && in.B > 0) {
+    const int64_t lo = in.prefix_offsets.min().item<int64_t>(), hi = in.prefix_offsets.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= in.Lk, "prefix_offsets must lie in [0, Lk=", in.Lk, "], got values in [",
+                      lo, ", ", hi, "]");
+  }
 }
 
 inline Strides4 strides_of(const at::Tensor& t) {
@@ -209,6 +226,7 @@ inline PrefixAttentionParams make_params(const PreparedInputs& in) {
   p.window = in.window;
   p.softcap = in.softcap;
   p.sinks = in.sinks.defined() ? in.sinks.data_ptr() : nullptr;
+  p.prefix_offsets = in.prefix_offsets.defined() ? in.prefix_offsets.data_ptr<int64_t>() : nullptr;
   return p;
 }
 

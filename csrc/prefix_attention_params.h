@@ -12,6 +12,7 @@
 //   prefix_lens [P]   int64 in [0, K],  or null: every prompt uses all K slots
 //   key_padding_mask [B, Lk] bool (true = real token), or null: no padding
 //   sinks       [Hq]  accumulation dtype, or null: one extra softmax logit per q head (no value)
+//   prefix_offsets [B] int64, or null: with a window, row b's prefix sits right before its key prefix_offsets[b]
 //   out         [B, Hq, Lq, D]      same dtype as q
 //   lse         [B, Hq, Lq]         accumulation dtype, natural log, -inf when nothing is visible
 #pragma once
@@ -50,10 +51,15 @@ struct PrefixAttentionParams {
   int64_t window;       // sliding window: key visible iff index(query) - index(key) < window
   double softcap;       // score <- softcap * tanh(score / softcap), after scaling
   const void* sinks;    // [Hq], accumulation dtype: one extra logit per q head in the softmax normaliser
+  const int64_t* prefix_offsets;  // [B] or nullptr (zeros): shifts the window index of the row's prefix
 
   // Index of query i among the keys (bottom-right aligned); sequence key j has index j and prefix
   // slot s of a prompt with n valid slots index s - n (the prefix right before the text).
   inline int64_t query_index(int64_t i) const { return i + (len_k - len_q); }
+  // Window index of prefix slot s of row b, whose prompt has n valid slots.
+  inline int64_t prefix_index(int64_t b, int64_t s, int64_t n) const {
+    return s - n + (prefix_offsets ? prefix_offsets[b] : 0);
+  }
   // The smallest key index query i may see through the window (no bound without one).
   inline int64_t window_first_index(int64_t i) const {
     return window > 0 ? query_index(i) - window + 1 : INT64_MIN / 2;

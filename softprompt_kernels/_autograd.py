@@ -1,9 +1,10 @@
 """Autograd of a prefix-attention forward op, shared by every backend's op pair.
 
 A forward op ``(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal,
-scale, window, softcap, sinks) -> (out, lse)`` is differentiated by its backward op ``(grad_out,
-grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse, causal,
-scale, *extra, seq_grads, prefix_grads, window, softcap) -> (dq, dk, dv, dprefix_k, dprefix_v)``.
+scale, window, softcap, sinks, prefix_offsets) -> (out, lse)`` is differentiated by its backward op
+``(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out,
+lse, causal, scale, *extra, seq_grads, prefix_grads, window, softcap, prefix_offsets) -> (dq, dk, dv,
+dprefix_k, dprefix_v)``.
 The lse is differentiable; an unused output's gradient arrives as None (no zeros are materialised
 for it).
 
@@ -40,27 +41,29 @@ def prefix_attention_autograd(backward_op: Callable, extra_args: Callable[[], Tu
 
     def setup_context(ctx, inputs, output):
         (q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale, window, softcap,
-         sinks) = inputs
+         sinks, prefix_offsets) = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse, sinks)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse, sinks,
+                              prefix_offsets)
         ctx.causal, ctx.scale, ctx.window, ctx.softcap = causal, scale, window, softcap
         ctx.extra = tuple(extra_args())
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse, sinks = ctx.saved_tensors
+        (q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse, sinks,
+         prefix_offsets) = ctx.saved_tensors
         seq_grads, prefix_grads = any(ctx.needs_input_grad[0:3]), any(ctx.needs_input_grad[3:5])
         grads = (None,) * 5
         if seq_grads or prefix_grads:
             dout = grad_out if grad_out is not None else torch.zeros_like(out)
             grads = backward_op(dout, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
                                 key_padding_mask, out, lse, ctx.causal, ctx.scale, *ctx.extra, seq_grads,
-                                prefix_grads, ctx.window, ctx.softcap)
+                                prefix_grads, ctx.window, ctx.softcap, prefix_offsets)
             grads = (*(grads[:3] if seq_grads else (None,) * 3), *(grads[3:] if prefix_grads else (None,) * 2))
-        # The dispatcher drops trailing arguments left at their defaults (window, softcap, sinks = None): there
-        # is one gradient per argument passed, and sinks were passed only if needs_input_grad reaches them.
+        # The dispatcher drops trailing arguments left at their defaults (window, softcap, sinks, prefix_offsets =
+        # None): there is one gradient per argument passed, and sinks were passed only if needs_input_grad has them.
         passed = len(ctx.needs_input_grad)
-        dsinks = sinks_grad(sinks, out, lse, grad_out, grad_lse) if passed == 13 and ctx.needs_input_grad[12] else None
-        return (*grads, None, None, None, None, None, None, None, dsinks)[:passed]
+        dsinks = sinks_grad(sinks, out, lse, grad_out, grad_lse) if passed > 12 and ctx.needs_input_grad[12] else None
+        return (*grads, None, None, None, None, None, None, None, dsinks, None)[:passed]
 
     return backward, setup_context

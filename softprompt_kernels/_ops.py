@@ -41,14 +41,15 @@ def _bshd_like(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def forward_fake(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, causal, scale, window=None,
-                 softcap=None, sinks=None):
+                 softcap=None, sinks=None, prefix_offsets=None):
     """Shapes of a prefix-attention forward op's (out, lse); every backend's op pair has this contract."""
     B, Hq, Lq, _ = q.shape
     return _bshd_like(q.shape, q), q.new_empty((B, Hq, Lq), dtype=accumulation_dtype(q.dtype))
 
 
 def backward_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out,
-                  lse, causal, scale, seq_grads=True, prefix_grads=True, window=None, softcap=None):
+                  lse, causal, scale, seq_grads=True, prefix_grads=True, window=None, softcap=None,
+                  prefix_offsets=None):
     """Shapes of a backward op's five gradients; ``seq_grads`` / ``prefix_grads`` False turn those into empty [0]."""
     seq = ((_bshd_like(q.shape, q), _bshd_like(k.shape, k), _bshd_like(v.shape, v)) if seq_grads
            else (q.new_empty(0), q.new_empty(0), q.new_empty(0)))
@@ -73,7 +74,7 @@ def run_extension_op(inputs, return_lse: bool):
     out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(
         inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids,
         inputs.prefix_lens, inputs.key_padding_mask, inputs.causal, inputs.scale, inputs.window, inputs.softcap,
-        inputs.sinks)
+        inputs.sinks, inputs.prefix_offsets)
     return out, (lse if return_lse else None)
 
 

@@ -46,6 +46,7 @@ class PrefixAttentionInputs:
     window: Optional[int] = None  # sliding window (docs/DESIGN.md section 2), >= 1
     softcap: Optional[float] = None  # logit soft-capping, > 0
     sinks: Optional[torch.Tensor] = None  # [Hq] floating, one extra softmax logit per q head
+    prefix_offsets: Optional[torch.Tensor] = None  # [B] int in [0, Lk]: the prefix sits before that key (window)
 
     @property
     def batch(self) -> int:
@@ -129,6 +130,7 @@ def validate_prefix_attention_args(
     window=None,
     softcap=None,
     sinks=None,
+    prefix_offsets=None,
 ) -> PrefixAttentionInputs:
     """Checks the op contract of docs/DESIGN.md section 2 and returns the validated inputs."""
     q = _check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
@@ -193,8 +195,10 @@ def validate_prefix_attention_args(
         if sinks.shape[0] != Hq:
             _fail(f"sinks must have shape [Hq={Hq}] (one logit per q head), got {tuple(sinks.shape)}")
         _check_same_device(sinks, "sinks", q)
+    if prefix_offsets is not None:
+        prefix_offsets = _check_index_tensor(prefix_offsets, "prefix_offsets", B, "B", q)
     return PrefixAttentionInputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
-                                 causal, scale, window, softcap, sinks)
+                                 causal, scale, window, softcap, sinks, prefix_offsets)
 
 
 def _check_window(window) -> Optional[int]:
@@ -248,6 +252,9 @@ def check_index_values(inputs: PrefixAttentionInputs) -> None:
         checks.append((inputs.prompt_ids, -1, P - 1, f"prompt_ids must lie in [-1, P={P})"))
     if inputs.prefix_lens is not None and P > 0:
         checks.append((inputs.prefix_lens, 0, K, f"prefix_lens must lie in [0, K={K}]"))
+    if inputs.prefix_offsets is not None and inputs.batch > 0:
+        Lk = inputs.len_k
+        checks.append((inputs.prefix_offsets, 0, Lk, f"prefix_offsets must lie in [0, Lk={Lk}]"))
     for values, low, high, message in checks:
         if values.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(values.min()), int(values.max())

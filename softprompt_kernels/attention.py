@@ -26,6 +26,7 @@ def prefix_attention(
     window: Optional[int] = None,
     softcap: Optional[float] = None,
     sinks: Optional[torch.Tensor] = None,
+    prefix_offsets: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -50,6 +51,9 @@ def prefix_attention(
         sinks: ``[Hq]`` floating: one extra logit per q head in the softmax normaliser, with no value
             (attention sinks, gpt-oss); differentiable. A query that sees no key then gets zeros and lse
             equal to its sink.
+        prefix_offsets: int ``[B]`` in ``[0, Lk]``: with a window, row ``b``'s prefix sits right before its sequence
+            key ``prefix_offsets[b]`` (slot ``s`` at index ``s - n + prefix_offsets[b]``): serving passes each row's
+            count of leading padding, so that a request sees the same window whatever it is batched with.
         return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` (float32; float64 for float64 inputs),
             ``-inf`` for a query that sees no key. It is differentiable.
         backend: ``"auto"`` (fastest supported), ``"torch"``, ``"cpu"`` or another name from
@@ -65,7 +69,7 @@ def prefix_attention(
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     check_backend_name(backend)
     inputs = validate_prefix_attention_args(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, causal,
-                                            key_padding_mask, scale, window, softcap, sinks)
+                                            key_padding_mask, scale, window, softcap, sinks, prefix_offsets)
     chosen = select_backend("prefix_attention", inputs, backend)
     check_index_values(inputs)
     out, lse = chosen.run(inputs, return_lse)

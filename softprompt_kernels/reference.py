@@ -39,8 +39,11 @@ def visibility_mask(inputs: PrefixAttentionInputs) -> torch.Tensor:
         return seq_visible
     slots = _prefix_slot_mask(inputs)[:, None, :].expand(B, Lq, K)  # [B, Lq, K]
     if inputs.window is not None:
-        # prefix slot s of a prompt of length n sits at position s - n, right before the text
+        # prefix slot s of a prompt of length n sits at position s - n, right before the text (or before the
+        # row's key prefix_offsets[b])
         slot_pos = torch.arange(K, device=device)[None, :] - _row_prefix_lens(inputs)[:, None]  # [B, K]
+        if inputs.prefix_offsets is not None:
+            slot_pos = slot_pos + inputs.prefix_offsets.long()[:, None]
         slots = slots & (query_pos[None, :, None] - slot_pos[:, None, :] < inputs.window)
     return torch.cat([slots, seq_visible], dim=2)
 

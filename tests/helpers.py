@@ -27,6 +27,7 @@ class Case:
     window: Optional[int] = None
     softcap: Optional[float] = None
     sinks: bool = False  # one seeded sink logit per q head (a differentiable input)
+    prefix_offsets: Optional[List[int]] = None  # per row: the prefix sits before this key (with a window)
 
     def __str__(self):
         return self.name or (f"B{self.B}-H{self.Hq}/{self.Hkv}-Lq{self.Lq}-Lk{self.Lk}-P{self.P}-K{self.K}"
@@ -57,6 +58,8 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", requires_grad=Tru
         kwargs["softcap"] = case.softcap
     if case.sinks:
         kwargs["sinks"] = rand(case.Hq)
+    if case.prefix_offsets is not None:
+        kwargs["prefix_offsets"] = torch.tensor(case.prefix_offsets, dtype=torch.long, device=device)
     return tensors, kwargs
 
 

@@ -25,15 +25,15 @@ def visible_sequence_keys(b, i, len_q, len_k, causal, key_padding_mask, window=N
     return keys
 
 
-def visible_prefix_slots(i, len_q, len_k, n_slots, window=None):
-    """Slot s of a prompt with n_slots valid slots sits at index s - n_slots, right before the text."""
+def visible_prefix_slots(i, len_q, len_k, n_slots, window=None, offset=0):
+    """Slot s of a prompt with n_slots valid slots sits at index s - n_slots + offset, right before key `offset`."""
     query_index = i + (len_k - len_q)
-    return [s for s in range(n_slots) if in_window(query_index, s - n_slots, window)]
+    return [s for s in range(n_slots) if in_window(query_index, s - n_slots + offset, window)]
 
 
 def oracle_prefix_attention(q, k, v, prefix_k, prefix_v, prompt_ids=None, prefix_lens=None, causal=True,
                             key_padding_mask=None, scale=None, window=None, softcap=None, sinks=None,
-                            return_lse=True):
+                            prefix_offsets=None, return_lse=True):
     """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq]) in float64."""
     q, k, v, prefix_k, prefix_v = (t.double() for t in (q, k, v, prefix_k, prefix_v))
     B, Hq, Lq, D = q.shape
@@ -54,7 +54,8 @@ def oracle_prefix_attention(q, k, v, prefix_k, prefix_v, prompt_ids=None, prefix
             sink = None if sinks is None else sinks[h].double()
             for i in range(Lq):
                 seq = visible_sequence_keys(b, i, Lq, Lk, causal, key_padding_mask, window)
-                slots = visible_prefix_slots(i, Lq, Lk, n_slots, window)
+                offset = 0 if prefix_offsets is None else int(prefix_offsets[b])
+                slots = visible_prefix_slots(i, Lq, Lk, n_slots, window, offset)
                 keys = [prefix_k[prompt, kv_head, s] for s in slots] + [k[b, kv_head, j] for j in seq]
                 values = [prefix_v[prompt, kv_head, s] for s in slots] + [v[b, kv_head, j] for j in seq]
                 if not keys:

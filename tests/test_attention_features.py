@@ -33,6 +33,13 @@ FEATURES = {
 }
 CASES = [replace(case, name=f"{name}+{feature}", **extra) for name, case in BASE.items()
          for feature, extra in FEATURES.items()]
+# the prefix right before a later key of each row (serving puts it after a row's left padding)
+CASES += [replace(BASE["multi-prompt-padded-gqa"], name="multi-prompt-padded-gqa+offsets", window=4,
+                  prefix_offsets=[0, 2, 5]),
+          replace(BASE["decode-lq3-multi"], name="decode-lq3-multi+offsets+all", window=5, softcap=1.5, sinks=True,
+                  prefix_offsets=[20, 3, 0]),
+          replace(BASE["noncausal"], name="noncausal+offsets+all", window=3, softcap=1.0, sinks=True,
+                  prefix_offsets=[6, 1])]
 # long enough to cross the kernels' key blocks (CPU: 128; Triton's interpreter: 16)
 LONG = [replace(Case(2, 2, 1, 150, 150, 2, 130, 8, prompt_ids=[1, 0], prefix_lens=[130, 129]), name=f"long+{f}", **e)
         for f, e in (("window-40", dict(window=40)), ("window-140", dict(window=140)), ("all", dict(window=60,
@@ -129,6 +136,10 @@ def _call(**over):
     (dict(sinks=torch.zeros(4, dtype=torch.long)), sk.InvalidDtypeError, r"^sinks must be a floating-point tensor"),
     (dict(sinks=torch.zeros(4, device="meta")), sk.InvalidArgumentError, r"^sinks must be on q's device"),
     (dict(sinks=[0.0] * 4), sk.InvalidDtypeError, r"^sinks must be a torch.Tensor"),
+    (dict(prefix_offsets=torch.tensor([0])), sk.InvalidArgumentError, r"^prefix_offsets must have shape \[B=2\]"),
+    (dict(prefix_offsets=torch.tensor([0.0, 1.0])), sk.InvalidDtypeError, r"^prefix_offsets must be an int32 or int64"),
+    (dict(prefix_offsets=torch.tensor([0, 6])), sk.InvalidArgumentError, r"^prefix_offsets must lie in \[0, Lk=5\]"),
+    (dict(prefix_offsets=torch.tensor([-1, 0])), sk.InvalidArgumentError, r"^prefix_offsets must lie in \[0, Lk=5\]"),
 ], ids=lambda x: str(x)[:40])
 def test_rejects_bad_values(over, exc, match):
     with pytest.raises(exc, match=match):

@@ -85,7 +85,8 @@ def test_decode_kernel_matches_oracle(emulated, name, shape, causal, splits, ext
 
 
 FEATURES = {"window-5": dict(window=5), "window-70": dict(window=70), "softcap": dict(softcap=0.5),
-            "sinks": dict(sinks=True), "all": dict(window=9, softcap=2.0, sinks=True)}
+            "sinks": dict(sinks=True), "all": dict(window=9, softcap=2.0, sinks=True),
+            "offsets": dict(window=12, offsets=True)}
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -99,6 +100,8 @@ def test_decode_kernel_features_match_oracle(emulated, name, shape, causal, _, e
     features = dict(FEATURES[feature])
     if features.pop("sinks", False):
         features["sinks"] = torch.randn(shape[1], generator=torch.Generator().manual_seed(9))
+    if features.pop("offsets", False):  # each row's prefix after some of its keys (serving's left padding)
+        features["prefix_offsets"] = torch.arange(shape[0]) * 7 % (shape[4] + 1)
     out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"], kwargs["key_padding_mask"],
                                 causal, shape[-1] ** -0.5, splits, 4, **features)
     if "sinks" in features:  # a query that sees nothing has lse = its sink, not -inf

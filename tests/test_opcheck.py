@@ -27,6 +27,7 @@ CASES = [
 WANTED = [(True, True), (False, True), (True, False)]  # (seq_grads, prefix_grads)
 # window, softcap and sinks (docs/DESIGN.md section 2) on top of CASES[0]
 FEATURES = [(3, None, False), (None, 0.8, False), (None, None, True), (2, 1.5, True)]
+OFFSETS = torch.tensor([2, 0])  # CASES[0] has two rows of five keys
 checked_ops = set()
 
 
@@ -60,10 +61,12 @@ def test_cpu_prefix_attention_fwd(case, dtype):
 def test_cpu_prefix_attention_features(window, softcap, sinks):
     args = _args(CASES[0], torch.float32)
     sinks_t = torch.randn(CASES[0].Hq, requires_grad=True) if sinks else None
-    _opcheck("prefix_attention_fwd", (*args, window, softcap, sinks_t))
+    offsets = OFFSETS if window is not None else None
+    _opcheck("prefix_attention_fwd", (*args, window, softcap, sinks_t, offsets))
     detached_sinks = None if sinks_t is None else sinks_t.detach()
-    backward_args = _backward_args(lambda *a: OPS.prefix_attention_fwd(*a, window, softcap, detached_sinks), args)
-    _opcheck("prefix_attention_bwd", (*backward_args, True, True, window, softcap))
+    backward_args = _backward_args(lambda *a: OPS.prefix_attention_fwd(*a, window, softcap, detached_sinks, offsets),
+                                   args)
+    _opcheck("prefix_attention_bwd", (*backward_args, True, True, window, softcap, offsets))
 
 
 @pytest.mark.parametrize("wanted", WANTED, ids=str)
@@ -112,9 +115,11 @@ def test_triton_prefix_attention_features():
     dtype = torch.bfloat16 if _triton_device() == "cuda" else torch.float32
     args = _args(CASES[0], dtype, _triton_device())
     sinks = torch.randn(CASES[0].Hq, device=_triton_device(), requires_grad=True)
-    _opcheck("triton_prefix_attention_fwd", (*args, 2, 1.5, sinks))
-    backward_args = _backward_args(lambda *a: OPS.triton_prefix_attention_fwd(*a, 2, 1.5, sinks.detach()), args)
-    _opcheck("triton_prefix_attention_bwd", (*backward_args, True, True, True, 2, 1.5))
+    offsets = OFFSETS.to(_triton_device())
+    _opcheck("triton_prefix_attention_fwd", (*args, 2, 1.5, sinks, offsets))
+    backward_args = _backward_args(lambda *a: OPS.triton_prefix_attention_fwd(*a, 2, 1.5, sinks.detach(), offsets),
+                                   args)
+    _opcheck("triton_prefix_attention_bwd", (*backward_args, True, True, True, 2, 1.5, offsets))
 
 
 @triton_only

@@ -150,3 +150,27 @@ def test_mixed_batch_other_families(model_type):
         expected = greedy_loop(lambda i, m: model(input_ids=i, attention_mask=m).logits, alone,
                                torch.ones_like(alone), 4)
         assert new[row] == expected[0].tolist(), f"row {row} ({name})"
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "gpt_oss", "gemma2", "cohere2"])
+def test_mixed_batch_modern_families(model_type):
+    """Sliding windows shorter than prefix + text, soft-capping and sinks, served from the bank: each row gets
+    the tokens of a greedy loop over PEFT's forward for its adapter alone."""
+    from hf_families import tiny_causal_lm
+
+    base = tiny_causal_lm(model_type)
+    if model_type != "gpt_oss":  # its expert matmuls take no float64
+        base = base.double()
+    models = {name: make_adapter(base, kind, k, seed) for seed, (name, (kind, k)) in enumerate(ADAPTERS.items())}
+    bank = sk.PromptBank(copy.deepcopy(base), capacity=4)
+    for name, model in models.items():
+        bank.add(name, model)
+    ids, mask = padded_batch(B=5, n=7, seed=4, left=True)
+    rows = ["x6", "p3", None, "x4", "p5"]
+    new = bank.generate(ids, mask, adapters=rows, max_new_tokens=5)
+    for row, name in enumerate(rows):
+        alone = ids[row][mask[row].bool()][None]
+        model = base if name is None else models[name]
+        expected = greedy_loop(lambda i, m: model(input_ids=i, attention_mask=m).logits, alone,
+                               torch.ones_like(alone), 5)
+        assert new[row] == expected[0].tolist(), f"row {row} ({name})"

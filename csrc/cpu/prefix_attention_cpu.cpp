@@ -71,13 +71,13 @@ int make_spans(const PrefixAttentionParams& p, int64_t b, int64_t hkv, int64_t i
   const int64_t lo = p.window_first_index(i_first);
   const int64_t pid = p.prompt_of_row(b);
   if (pid >= 0 && p.prefix_len(pid) > 0) {
-    const int64_t len = p.prefix_len(pid), first = std::max<int64_t>(0, lo + len);
+    const int64_t len = p.prefix_len(pid), first = std::max<int64_t>(0, lo - p.prefix_index(b, 0, len));
     if (first < len)
       spans[n++] = {static_cast<const scalar_t*>(p.prefix_k) + pid * p.pk_strides.b + hkv * p.pk_strides.h +
                         first * p.pk_strides.l,
                     static_cast<const scalar_t*>(p.prefix_v) + pid * p.pv_strides.b + hkv * p.pv_strides.h +
                         first * p.pv_strides.l,
-                    p.pk_strides.l, p.pv_strides.l, len - first, true, first, first - len};
+                    p.pk_strides.l, p.pv_strides.l, len - first, true, first, p.prefix_index(b, first, len)};
   }
   const int64_t first = std::max<int64_t>(0, lo);
   if (key_end > first) {

@@ -138,9 +138,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) prefix_decode_split_kernel(
   const int64_t last_pos = (qv0 + QB - 1) / group < Lq - 1 ? (qv0 + QB - 1) / group : Lq - 1;
   const int64_t seq_end = p.causal ? (last_pos + Lk - Lq + 1 < Lk ? last_pos + Lk - Lq + 1 : Lk) : Lk;
   // With a sliding window, nothing below the earliest query's reach (window index `reach`; prefix
-  // slot c sits at c - plen, sequence key j at j) is visible to the tile.
+  // slot c sits at c - plen + the row's prefix offset, sequence key j at j) is visible to the tile.
   const int64_t reach = p.window > 0 ? int64_t(qv0 / group) + Lk - Lq - p.window + 1 : INT64_MIN / 2;
-  const int64_t prefix_begin = reach + plen > 0 ? reach + plen : 0;  // first combined key of each part
+  const int64_t prefix_shift = p.prefix_offsets ? p.prefix_offsets[b] : 0;  // slot c sits at c - plen + shift
+  const int64_t prefix_begin = reach + plen - prefix_shift > 0 ? reach + plen - prefix_shift : 0;
   const int64_t seq_begin = K + (reach > 0 ? reach : 0);
   // Soft-capping in base-2 units: s2 -> cap2 * tanh(s2 / cap2), cap2 = cap * log2(e).
   const float cap2 = float(p.softcap) * kLog2e, inv_cap2 = p.softcap > 0 ? 1.f / cap2 : 0.f;
@@ -199,7 +200,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) prefix_decode_split_kernel(
         for (int r = 0; r < QB; ++r) dots[r] += __shfl_xor_sync(0xffffffffu, dots[r], offset);
       if (sub == 0) {
         const bool live = live_s[t];
-        const int64_t key_index = c < K ? c - plen : c - K;  // the key's window index
+        const int64_t key_index = c < K ? c - plen + prefix_shift : c - K;  // the key's window index
 #pragma unroll
         for (int r = 0; r < QB; ++r) {
           const int qv = qv0 + r;

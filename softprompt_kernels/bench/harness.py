@@ -116,11 +116,13 @@ def _cpu_model() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """``cpu: <model> (<n> threads)`` or the CUDA device's name."""
+    """``cpu: <model> (<n> threads, <vector ISA>)`` or the CUDA device's name. The ISA tells apart machines that
+    share a model name (an "AMD EPYC" with AVX-512 and one with AVX2 only run the CPU kernel at different speeds)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads)"
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads, {isa})"
 
 
 def _cpu_seconds() -> Optional[Tuple[float, float, float]]:

@@ -98,7 +98,7 @@ def _adapter_disabled(peft_model) -> bool:
 def _as_requested(out, return_dict, model):
     """The output as a ModelOutput or, with return_dict=False (or the config's use_return_dict off), a tuple."""
     if return_dict is None:
-        return_dict = getattr(model.config, "use_return_dict", True)
+        return_dict = getattr(model.config, "return_dict", True)
     return out if return_dict else out.to_tuple()
 
 

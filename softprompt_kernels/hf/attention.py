@@ -37,6 +37,10 @@ class SoftPromptContext:
     layer_prefixes: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]]
     prompt_ids: Optional[torch.Tensor] = None
     prefix_lens: Optional[torch.Tensor] = None
+    # With a sliding window: True puts each row's prefix right before its first real key (serving, so that a
+    # left-padded request sees the window it would see alone); False right before the padded sequence, where
+    # PEFT's cache puts it (training parity).
+    prefix_after_padding: bool = False
     # Capture mode (the batch-1 prompt pass): no prefix; each layer records its (key, value) here.
     captured: Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None
 
@@ -75,18 +79,24 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     if softprompt_context is not None:
         prefix_k, prefix_v = (p.to(query.dtype) for p in softprompt_context.prefix(layer_idx))
         prompt_ids, prefix_lens = softprompt_context.prompt_ids, softprompt_context.prefix_lens
+        after_padding = softprompt_context.prefix_after_padding
     else:
         prefix_k = prefix_v = key.new_zeros((1, key.shape[1], 0, key.shape[3]))
         prompt_ids = prefix_lens = None
+        after_padding = False
     # the mask's window is what eager and SDPA attention apply (the argument serves flash attention); they agree
     # where a family passes both
     window = getattr(attention_mask, WINDOW_ATTRIBUTE, None) if attention_mask is not None else None
     if window is None:
         window = sliding_window
+    mask = attention_mask.bool() if attention_mask is not None else None
+    prefix_offsets = None
+    if window is not None and after_padding and mask is not None:
+        # the row's leading padding among these keys (a cropped sliding cache has dropped the oldest first)
+        prefix_offsets = (mask.cumsum(-1) == 0).sum(-1)
     features = dict(window=int(window) if window is not None else None,
                     softcap=float(softcap) if softcap is not None else None,
-                    sinks=s_aux.to(query.dtype) if s_aux is not None else None)
-    mask = attention_mask.bool() if attention_mask is not None else None
+                    sinks=s_aux.to(query.dtype) if s_aux is not None else None, prefix_offsets=prefix_offsets)
     if dropout > 0.0:
         # The fused kernels have no attention dropout: train with dropout on the (exact) PyTorch path.
         warn_once("dropout", "attention dropout > 0: softprompt attention runs the PyTorch path for it "

@@ -84,6 +84,7 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
                   if s is not None else None for row, s in enumerate(seeds)]
 
     context, row_lengths = bank.context_for(adapters)
+    context.prefix_after_padding = True  # a request's tokens do not depend on the padding of its batch
     cache = _compat.new_dynamic_cache(model)
     positions = _positions(row_lengths, mask, length, model, bank.family)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,

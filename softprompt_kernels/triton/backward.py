@@ -19,8 +19,8 @@ import torch
 
 from .common import (LOG2E, NO_FEATURES, NO_WINDOW, PLAIN, TUNING_KEY, autotune_configs, head_block, interpreting, launcher,
                      length_bucket, prune_by_head_block, remember_arch, tl, triton)
-from .forward import (dot_precision, load_rows, padding_view, prompt_of_row, scores_log2, softcap_args, usable_prefix,
-                      window_visible)
+from .forward import (dot_precision, load_rows, padding_view, prefix_index_base, prompt_of_row, scores_log2,
+                      softcap_args, usable_prefix, window_visible)
 
 # Spill-free tuning spaces (see forward.FWD_SPACE); BWD_SPACE serves the kv and prefix kernels.
 BWD_SPACE = {
@@ -239,7 +239,7 @@ def prefix_attention_bwd_kv_kernel(
                  reset_to_zero=["DPK", "DPV"])
 @triton.jit
 def prefix_attention_bwd_prefix_kernel(
-    Q, PK, PV, PROMPT_IDS, PREFIX_LENS, DO, LSE, DELTA, DPK, DPV,
+    Q, PK, PV, PROMPT_IDS, PREFIX_LENS, PREFIX_OFFSETS, DO, LSE, DELTA, DPK, DPV,
     stride_qb, stride_qh, stride_qm,     # q        [B, Hq, Lq, D]
     stride_pkp, stride_pkh, stride_pkn,  # prefix_k [P, Hkv, K, D]
     stride_pvp, stride_pvh, stride_pvn,  # prefix_v [P, Hkv, K, D]
@@ -248,7 +248,7 @@ def prefix_attention_bwd_prefix_kernel(
     lq_bucket, lk_bucket,
     # DPK/DPV: deterministic: partials [B, n_splits, Hkv, K, D] fp32; atomic: sums [P, Hkv, K, D] fp32
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     DETERMINISTIC: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -276,8 +276,9 @@ def prefix_attention_bwd_prefix_kernel(
         q_lo = split * q_chunk
         q_hi = tl.minimum(q_lo + q_chunk, Lq)
         causal_shift = Lk - Lq
-        if HAS_WINDOW:  # queries whose window ends before the block's last slot (index s - n_slots) see none
-            q_hi = tl.maximum(tl.minimum(q_hi, start_n + BLOCK_N - 1 - n_slots + window - causal_shift), q_lo)
+        slot_base = prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS)  # window index of slot 0
+        if HAS_WINDOW:  # queries whose window ends before the block's last slot see none
+            q_hi = tl.maximum(tl.minimum(q_hi, start_n + BLOCK_N - 1 + slot_base + window - causal_shift), q_lo)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, group):
@@ -286,7 +287,7 @@ def prefix_attention_bwd_prefix_kernel(
             dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
                                             DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
                                             stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, offs_n, causal_shift, D,
-                                            scale_log2, cap_scale, cap_log2, offs_n - n_slots, window, False, False,
+                                            scale_log2, cap_scale, cap_log2, offs_n + slot_base, window, False, False,
                                             HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
         dk = dk * scale
         slot_mask = (offs_n < n_slots)[:, None] & (offs_d < D)[None, :]
@@ -337,7 +338,7 @@ def _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 
                  prune_configs_by={"early_config_prune": prune_by_head_block(DQ_SPACE)})
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, DO, LSE, DELTA, DQ,
+    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, PREFIX_OFFSETS, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,     # q        [B, Hq, Lq, D]
     stride_kb, stride_kh, stride_kn,     # k        [B, Hkv, Lk, D]
     stride_vb, stride_vh, stride_vn,     # v        [B, Hkv, Lk, D]
@@ -349,7 +350,7 @@ def prefix_attention_bwd_dq_kernel(
     Hq, Lq, Lk, K_SLOTS, D, group, scale, scale_log2, cap_scale, cap_log2, window,
     lq_bucket, lk_bucket,
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -380,11 +381,12 @@ def prefix_attention_bwd_dq_kernel(
     prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
     prompt = tl.maximum(prompt, 0).to(tl.int64)
     slots_lo = 0
+    slot_base = prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS)  # window index of slot 0
     if HAS_WINDOW:
-        slots_lo = (tl.minimum(tl.maximum(reach + n_slots, 0), n_slots) // BLOCK_N) * BLOCK_N
+        slots_lo = (tl.minimum(tl.maximum(reach - slot_base, 0), n_slots) // BLOCK_N) * BLOCK_N
     dq = _dq_over_keys(dq, q, do, lse2, delta, PK + prompt * stride_pkp + kvh * stride_pkh,
                        PV + prompt * stride_pvp + kvh * stride_pvh, stride_pkn, stride_pvn, slots_lo, n_slots, offs_m,
-                       causal_shift, PADDING, 0, D, scale_log2, cap_scale, cap_log2, -n_slots, window, True, False,
+                       causal_shift, PADDING, 0, D, scale_log2, cap_scale, cap_log2, slot_base, window, True, False,
                        False, HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
 
     if CAUSAL:
@@ -450,7 +452,7 @@ def _bshd_empty(shape, like):
 def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
                          key_padding_mask, out, lse, causal: bool, scale: float, deterministic: bool = True,
                          seq_grads: bool = True, prefix_grads: bool = True, window: Optional[int] = None,
-                         softcap: Optional[float] = None):
+                         softcap: Optional[float] = None, prefix_offsets: Optional[torch.Tensor] = None):
     """Launches the backward kernels; returns (dq, dk, dv, dprefix_k, dprefix_v).
 
     ``seq_grads=False`` skips the dk/dv and dq kernels, ``prefix_grads=False`` the prefix kernel
@@ -496,6 +498,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
         grad_pk = torch.zeros((P, Hkv, n_slots, D), dtype=torch.float32, device=q.device)
         grad_pv = torch.zeros_like(grad_pk)
     features = dict(HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None)
+    offsets = prefix_offsets if prefix_offsets is not None else q
+    has_offsets = dict(HAS_OFFSETS=prefix_offsets is not None)
     feature_args = (*softcap_args(scale, softcap), window if window is not None else NO_WINDOW)
     flags = dict(HAS_IDS=ids is not None, HAS_LENS=lens is not None, HAS_PADDING=key_padding_mask is not None,
                  CAUSAL=causal, **features, **common)
@@ -522,11 +526,11 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
             return (triton.cdiv(n_slots, meta["BLOCK_N"]), n_splits, B * Hkv)
 
         launcher(prefix_attention_bwd_prefix_kernel)[prefix_grid](
-            q, pk, pv, ids if ids is not None else q, lens if lens is not None else q, grad_out, lse, delta,
+            q, pk, pv, ids if ids is not None else q, lens if lens is not None else q, offsets, grad_out, lse, delta,
             grad_pk, grad_pv, q.stride(0), q.stride(1), q.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
             pv.stride(0), pv.stride(1), pv.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             Hq, Hkv, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *feature_args, q_chunk, n_splits, *buckets,
-            DETERMINISTIC=deterministic,
+            DETERMINISTIC=deterministic, **has_offsets,
             **flags)
 
     def dq_grid(meta):
@@ -534,9 +538,9 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
 
     if seq_grads:
         launcher(prefix_attention_bwd_dq_kernel)[dq_grid](
-            q, k, v, pk, pv, ids if ids is not None else q, lens if lens is not None else q, pad, grad_out, lse,
-            delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-            Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *feature_args, *buckets, **flags)
+            q, k, v, pk, pv, ids if ids is not None else q, lens if lens is not None else q, pad, offsets, grad_out,
+            lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            Hq, Lq, Lk, n_slots, D, Hq // Hkv, scale, scale * LOG2E, *feature_args, *buckets, **has_offsets, **flags)
 
     if n_slots_grad > 0:
         if deterministic:

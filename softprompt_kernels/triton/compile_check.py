@@ -49,13 +49,14 @@ class Job:
 
 _POINTERS = {
     "fwd": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
-            "PADDING": "*u8", "SINKS": "*fp32", "OUT": "T", "LSE": "*fp32"},
+            "PADDING": "*u8", "SINKS": "*fp32", "PREFIX_OFFSETS": "*i64", "OUT": "T", "LSE": "*fp32"},
     "bwd_kv": {"Q": "T", "K": "T", "V": "T", "PADDING": "*u8", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32",
                "DK": "T", "DV": "T"},
-    "bwd_prefix": {"Q": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64", "DO": "T",
+    "bwd_prefix": {"Q": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
+                   "PREFIX_OFFSETS": "*i64", "DO": "T",
                    "LSE": "*fp32", "DELTA": "*fp32", "DPK": "*fp32", "DPV": "*fp32"},
     "bwd_dq": {"Q": "T", "K": "T", "V": "T", "PK": "T", "PV": "T", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64",
-               "PADDING": "*u8", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "T"},
+               "PADDING": "*u8", "PREFIX_OFFSETS": "*i64", "DO": "T", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "T"},
     "delta": {"OUT": "T", "DO": "T", "GRAD_LSE": "*fp32", "DELTA": "*fp32"},
     "reduce": {"PARTIAL": "*fp32", "PROMPT_IDS": "*i64", "PREFIX_LENS": "*i64", "OUT": "T"},
 }
@@ -88,7 +89,7 @@ def jobs_for(archs: List[int], dtypes: List[str]) -> List[Job]:
     spaces = {"fwd": FWD_SPACE, "bwd_kv": BWD_SPACE, "bwd_prefix": PREFIX_SPACE, "bwd_dq": DQ_SPACE}
     # sliding window, soft-capping and sinks on: the heaviest programs (docs/DESIGN.md section 2)
     attention_flags = dict(HAS_IDS=True, HAS_LENS=True, HAS_PADDING=True, CAUSAL=True, HAS_WINDOW=True,
-                           HAS_SOFTCAP=True, HAS_SINKS=True)
+                           HAS_SOFTCAP=True, HAS_SINKS=True, HAS_OFFSETS=True)
     jobs = []
     for arch in archs:
         for dtype in dtypes:

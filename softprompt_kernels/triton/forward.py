@@ -86,6 +86,14 @@ def scores_log2(q, k, scale_log2, cap_scale, cap_log2, DOT_PRECISION: tl.constex
 
 
 @triton.jit
+def prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS: tl.constexpr):
+    """Window index of slot 0 of row b's prefix: -n_slots, shifted by the row's prefix offset when given."""
+    if HAS_OFFSETS:
+        return tl.load(PREFIX_OFFSETS + b).to(tl.int32) - n_slots
+    return -n_slots
+
+
+@triton.jit
 def window_visible(query_index, key_index, window):
     """[rows, cols] bool: the key is within the query's sliding window (index difference < window)."""
     return (query_index[:, None] - key_index[None, :]) < window
@@ -150,7 +158,7 @@ def prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS: tl.constexpr, HA
                  prune_configs_by={"early_config_prune": prune_by_head_block(FWD_SPACE)})
 @triton.jit
 def prefix_attention_fwd_kernel(
-    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, SINKS, OUT, LSE,
+    Q, K, V, PK, PV, PROMPT_IDS, PREFIX_LENS, PADDING, SINKS, PREFIX_OFFSETS, OUT, LSE,
     stride_qb, stride_qh, stride_qm,     # q           [B, Hq, Lq, D]
     stride_kb, stride_kh, stride_kn,     # k           [B, Hkv, Lk, D]
     stride_vb, stride_vh, stride_vn,     # v           [B, Hkv, Lk, D]
@@ -159,10 +167,11 @@ def prefix_attention_fwd_kernel(
     stride_pb, stride_pn,                # padding     [B, Lk] uint8 (1 = real token)
     stride_ob, stride_oh, stride_om,     # out         [B, Hq, Lq, D]; lse [B, Hq, Lq] contiguous fp32
     Hq, Lq, Lk, K_SLOTS, D, group, scale_log2,
-    cap_scale, cap_log2, window,         # softcap: scale / cap and cap * log2(e); sliding window; sinks [Hq] fp32
+    cap_scale, cap_log2, window,         # softcap: scale / cap and cap * log2(e); sliding window; sinks [Hq] fp32;
+                                         # prefix_offsets [B] int64
     lq_bucket, lk_bucket,                # autotuning keys only
     HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -195,10 +204,11 @@ def prefix_attention_fwd_kernel(
     pk_base = PK + prompt * stride_pkp + kvh * stride_pkh
     pv_base = PV + prompt * stride_pvp + kvh * stride_pvh
     if HAS_WINDOW:  # every visited block masked; slots before the first query's reach are not visited
-        slots_lo = (tl.minimum(tl.maximum(reach + n_slots, 0), n_slots) // BLOCK_N) * BLOCK_N
+        slot_base = prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS)
+        slots_lo = (tl.minimum(tl.maximum(reach - slot_base, 0), n_slots) // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, slots_lo,
                                            n_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2, cap_scale,
-                                           cap_log2, -n_slots, window, True, False, False, True, HAS_SOFTCAP,
+                                           cap_log2, slot_base, window, True, False, False, True, HAS_SOFTCAP,
                                            EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
     else:
         full_slots = (n_slots // BLOCK_N) * BLOCK_N
@@ -285,7 +295,7 @@ def usable_prefix(q, prefix_k, prefix_v, prompt_ids, prefix_lens):
 
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
                          causal: bool, scale: float, window: Optional[int] = None, softcap: Optional[float] = None,
-                         sinks: Optional[torch.Tensor] = None):
+                         sinks: Optional[torch.Tensor] = None, prefix_offsets: Optional[torch.Tensor] = None):
     """Launches the forward kernel. Returns out [B, Hq, Lq, D] (laid out [B, Lq, Hq, D]) and lse fp32."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -306,7 +316,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, k
     launcher(prefix_attention_fwd_kernel)[grid](
         q, k, v, prefix_k, prefix_v,
         prompt_ids if prompt_ids is not None else q, prefix_lens if prefix_lens is not None else q, pad,
-        sinks if sinks is not None else lse, out, lse,
+        sinks if sinks is not None else lse, prefix_offsets if prefix_offsets is not None else q, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -320,6 +330,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, k
         HAS_IDS=prompt_ids is not None, HAS_LENS=prefix_lens is not None,
         HAS_PADDING=key_padding_mask is not None, CAUSAL=causal,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None,
+        HAS_OFFSETS=prefix_offsets is not None,
         BLOCK_D=block_d, EVEN_D=block_d == D, DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse

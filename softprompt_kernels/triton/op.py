@@ -62,10 +62,12 @@ if TRITON_IMPORT_ERROR is None:
                                     prompt_ids: Optional[Tensor], prefix_lens: Optional[Tensor],
                                     key_padding_mask: Optional[Tensor], causal: bool, scale: float,
                                     window: Optional[int] = None, softcap: Optional[float] = None,
-                                    sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                                    sinks: Optional[Tensor] = None,
+                                    prefix_offsets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         return prefix_attention_fwd(_as_rows(q), _as_rows(k), _as_rows(v), _as_rows(prefix_k), _as_rows(prefix_v),
                                     _dense(prompt_ids), _dense(prefix_lens), key_padding_mask, causal, scale,
-                                    window, softcap, None if sinks is None else sinks.float().contiguous())
+                                    window, softcap, None if sinks is None else sinks.float().contiguous(),
+                                    _dense(prefix_offsets))
 
     @_define("softprompt_kernels::triton_prefix_attention_bwd", mutates_args=())
     def triton_prefix_attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
@@ -73,13 +75,14 @@ if TRITON_IMPORT_ERROR is None:
                                     prefix_lens: Optional[Tensor], key_padding_mask: Optional[Tensor],
                                     out: Tensor, lse: Tensor, causal: bool, scale: float,
                                     deterministic: bool, seq_grads: bool = True, prefix_grads: bool = True,
-                                    window: Optional[int] = None, softcap: Optional[float] = None) -> List[Tensor]:
+                                    window: Optional[int] = None, softcap: Optional[float] = None,
+                                    prefix_offsets: Optional[Tensor] = None) -> List[Tensor]:
         # grad_lse is read as a contiguous [B, Hq, Lq] array (it is often an expanded view, e.g. of lse.sum())
         grad_lse = grad_lse.float().contiguous() if grad_lse is not None else None
         grads = prefix_attention_bwd(_as_rows(grad_out), grad_lse, _as_rows(q), _as_rows(k), _as_rows(v),
                                      _as_rows(prefix_k), _as_rows(prefix_v), _dense(prompt_ids), _dense(prefix_lens),
                                      key_padding_mask, out, lse, causal, scale, deterministic, seq_grads,
-                                     prefix_grads, window, softcap)
+                                     prefix_grads, window, softcap, _dense(prefix_offsets))
         return list(grads)
 
     if interpreting():  # custom_op needs fake kernels; triton_op derives them by tracing
@@ -87,7 +90,8 @@ if TRITON_IMPORT_ERROR is None:
 
         @triton_prefix_attention_bwd.register_fake
         def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask, out, lse,
-              causal, scale, deterministic, seq_grads=True, prefix_grads=True, window=None, softcap=None):
+              causal, scale, deterministic, seq_grads=True, prefix_grads=True, window=None, softcap=None,
+              prefix_offsets=None):
             return list(backward_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
                                       key_padding_mask, out, lse, causal, scale, seq_grads, prefix_grads))
 
@@ -129,7 +133,8 @@ class TritonBackend(Backend):
     def run(self, inputs, return_lse):
         out, lse = torch.ops.softprompt_kernels.triton_prefix_attention_fwd(
             inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prompt_ids, inputs.prefix_lens,
-            inputs.key_padding_mask, inputs.causal, inputs.scale, inputs.window, inputs.softcap, inputs.sinks)
+            inputs.key_padding_mask, inputs.causal, inputs.scale, inputs.window, inputs.softcap, inputs.sinks,
+            inputs.prefix_offsets)
         return out, (lse if return_lse else None)
 
 

@@ -21,14 +21,16 @@ std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
     const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale, int64_t num_splits, int64_t num_sms, std::optional<int64_t> window,
-    std::optional<double> softcap, const std::optional<at::Tensor>& sinks) {
+    std::optional<double> softcap, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& prefix_offsets) {
   softprompt::CudaForwardTarget target;
   target.device_type = at::kCPU;
   target.sms = int(num_sms);
   target.major = 9;
   target.forced_splits = int(num_splits);
   auto [out, lse, err] = softprompt::cuda_forward(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                                                  key_padding_mask, causal, scale, window, softcap, sinks, target);
+                                                  key_padding_mask, causal, scale, window, softcap, sinks,
+                                                  prefix_offsets, target);
   TORCH_CHECK(err == 0, "emulated launch failed with error ", err);
   return {out, lse};
 }
@@ -47,7 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"), py::arg("prefix_v"),
         py::arg("prompt_ids"), py::arg("prefix_lens"), py::arg("key_padding_mask"), py::arg("causal"),
         py::arg("scale"), py::arg("num_splits"), py::arg("num_sms"), py::arg("window") = py::none(),
-        py::arg("softcap") = py::none(), py::arg("sinks") = py::none());
+        py::arg("softcap") = py::none(), py::arg("sinks") = py::none(), py::arg("prefix_offsets") = py::none());
   m.def("decode_plan", &decode_plan);
   m.def("decode_max_queries", [] { return int64_t(sc::kDecodeMaxQueries); });
 }
