@@ -60,6 +60,9 @@ check_install
 (cd "$work" && "$venv/softprompt-kernels" bench --help >/dev/null && "$venv/softprompt-kernels" bench --suite cpu-quick \
    --out "$work/bench" --reps 2 | tail -7)
 test -s "$work/bench/cpu-quick.json" && test -s "$work/bench/cpu-quick.png"
+# softprompt-kernels train (one run and a sweep) on the packaged toy task, from the wheel
+(cd "$work" && "$venv/softprompt-kernels" bench --suite train-cpu-quick --out "$work/bench" | tail -3)
+test -s "$work/bench/train-cpu-quick.json"
 
 echo "==> the same venv, softprompt-kernels built from the sdist"
 "$venv/python" -m pip uninstall -q -y softprompt-kernels

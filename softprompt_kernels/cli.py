@@ -6,6 +6,8 @@ Subcommands:
   fused backend that runs here against the pure-PyTorch path and ``sdpa_concat``; prints a table and
   writes JSON + PNG.
 - ``serve``: an HTTP completions server over a ``PromptBank`` of PEFT prompt adapters.
+- ``train``: trains soft prompts from a JSONL file (sweeps of candidates in one run); writes a PEFT adapter.
+- ``inspect``: the nearest vocabulary tokens and norms of a learned prompt.
 """
 from __future__ import annotations
 
@@ -91,6 +93,32 @@ def _add_serve(subparsers) -> None:
     serve.set_defaults(handler=_serve)
 
 
+def _add_train(subparsers) -> None:
+    from .train import cli as train_cli
+
+    train = subparsers.add_parser(
+        "train", help="train soft prompts (one, or a sweep of candidates together) on a frozen model",
+        formatter_class=HELP_FORMAT,
+        description="Trains prompt tuning, P-tuning or prefix tuning on the accelerated model from a JSONL file; "
+                    "--sweep trains several candidates in one run (one frozen forward over the batch repeated per "
+                    "candidate, through prompt_ids). Writes the best candidate as a PEFT adapter directory.")
+    train_cli.add_arguments(train)
+    train.set_defaults(handler=train_cli.run_from_args)
+
+
+def _add_inspect(subparsers) -> None:
+    from .train import inspect_prompt
+
+    inspect = subparsers.add_parser(
+        "inspect", help="what a learned prompt is close to: nearest vocabulary tokens, norms, per-layer prefix norms",
+        formatter_class=HELP_FORMAT,
+        description="Per virtual token: the nearest vocabulary tokens by cosine similarity and its norm against the "
+                    "vocabulary's; per layer, the prefix norms of prefix adapters. A weak explanation of a soft prompt "
+                    "(Khashabi et al., Prompt Waywardness).")
+    inspect_prompt.add_arguments(inspect)
+    inspect.set_defaults(handler=inspect_prompt.run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -100,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench(subparsers)
     _add_serve(subparsers)
+    _add_train(subparsers)
+    _add_inspect(subparsers)
     return parser
 
 

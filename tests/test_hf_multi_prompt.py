@@ -77,6 +77,30 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(kind, model_type):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_adapter_losses_are_each_adapters_own_loss(kind, model_type):
+    """``adapter_losses`` [A] (adapters in order of first use; bare rows in none): adapter a's loss is PEFT's
+    loss on a's rows alone, and the gradient of their sum gives each adapter the gradient of its own loss."""
+    model = two_adapter_model(kind, model_type)
+    ids, mask = padded_batch(B=5, n=9, seed=3)
+    names = ["b", "a", None, "a", "b"]
+    params = list(model.prompt_encoder.parameters())
+    own = {}
+    for name in ("b", "a"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        _, own[name] = reference(model, kind, ids[rows], mask[rows], [name] * len(rows))
+    ref_grads = torch.autograd.grad(own["a"] + own["b"], params)
+    _, whole = reference(model, kind, ids, mask, names)
+    sk.accelerate(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), adapter_names=names)
+    torch.testing.assert_close(out.adapter_losses, torch.stack([own["b"], own["a"]]).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, whole, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(out.adapter_losses.sum(), params), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert out.to_tuple()[0] is out.loss
+
+
 def test_prompt_ensembling_one_example_many_prompts():
     model = sk.accelerate(two_adapter_model("prompt", "llama"))
     ids, mask = padded_batch(B=1, n=7, seed=4)

@@ -46,7 +46,7 @@ def test_declared_ranges_are_the_tested_ranges():
 
 def test_extras():
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert {"hf", "triton", "serve", "vllm", "bench", "test", "all"} <= set(extras)
+    assert {"hf", "triton", "serve", "vllm", "bench", "train", "test", "all"} <= set(extras)
     assert PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"] == ["softprompt_kernels*"]
 
 

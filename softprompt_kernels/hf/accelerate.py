@@ -161,9 +161,16 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         position_ids = position_ids + (k[:, None] if isinstance(k, torch.Tensor) else k)  # PEFT's offset
     if cache is not None:
         kwargs[_compat.cache_argument(model)] = cache
-    out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                position_ids=position_ids, output_attentions=output_attentions,
+    per_adapter = adapter_names is not None and labels is not None
+    out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                labels=None if per_adapter else labels, position_ids=position_ids, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
+    if per_adapter:  # the model's loss (labels shifted inside), and each adapter's share of it
+        num_items = kwargs.get("num_items_in_batch")
+        loss, adapter_losses = _lm_loss(None, out.logits, labels, num_items, None, context.prompt_ids,
+                                        len(context.prefix_lens) if context.prefix_lens is not None else 0)
+        out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+        out["adapter_losses"] = adapter_losses
     return _as_requested(out, return_dict, model)
 
 
@@ -197,7 +204,14 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
                 position_ids=position_ids, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
     if labels is not None:  # rebuilt, not assigned: the loss must come first in the tuple form
-        out = type(out)(loss=_prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt), **out)
+        if adapter_names is None:
+            out = type(out)(loss=_prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt), **out)
+        else:
+            loss, adapter_losses = _lm_loss(first_logits, out.logits, labels, num_items, has_prompt,
+                                            context.prompt_ids, len(context.prefix_lens)
+                                            if context.prefix_lens is not None else 0)
+            out = type(out)(loss=loss, **out)
+            out["adapter_losses"] = adapter_losses
     return _as_requested(out, return_dict, model)
 
 
@@ -208,10 +222,7 @@ def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, 
     (``has_prompt`` False) have no position before their first token, so it is not predicted.
     """
     vocab = text_logits.shape[-1]
-    labels = labels.to(text_logits.device)
-    first_labels = labels[:, 0] if has_prompt is None else torch.where(has_prompt, labels[:, 0], -100)
-    if has_prompt is not None:
-        labels = torch.cat([first_labels[:, None], labels[:, 1:]], dim=1)
+    labels, first_labels = _prompt_labels(labels.to(text_logits.device), has_prompt)
     if first_logits is None:  # no row has a prompt
         first = text_logits.new_zeros((), dtype=torch.float32)
     else:
@@ -224,6 +235,41 @@ def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, 
                            ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
     return (first + rest) / count
+
+
+def _prompt_labels(labels, has_prompt):
+    """(labels with the first token unpredicted in rows without a prompt, those first labels [B])."""
+    first_labels = labels[:, 0] if has_prompt is None else torch.where(has_prompt, labels[:, 0], -100)
+    if has_prompt is not None:
+        labels = torch.cat([first_labels[:, None], labels[:, 1:]], dim=1)
+    return labels, first_labels
+
+
+def _lm_loss(first_logits, text_logits, labels, num_items_in_batch, has_prompt, prompt_ids, num_adapters):
+    """The batch's loss and each adapter's own loss ``[num_adapters]`` (its rows' token losses over its
+    rows' token count): what training several adapters in one batch needs, each on its own objective.
+
+    ``first_logits`` None: the model's loss (position t predicts t + 1: prefix tuning); else the prompt
+    methods' (the last prompt position predicts labels[:, 0], as in ``_prompt_lm_loss``).
+    """
+    vocab = text_logits.shape[-1]
+    labels = labels.to(text_logits.device)
+    next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    token_losses = F.cross_entropy(text_logits.float().reshape(-1, vocab), next_labels.reshape(-1),
+                                   ignore_index=-100, reduction="none").view(labels.shape)
+    row_losses, row_counts = token_losses.sum(1), (next_labels != -100).sum(1)
+    if first_logits is not None:
+        labels, first_labels = _prompt_labels(labels, has_prompt)
+        first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), first_labels,
+                                ignore_index=-100, reduction="none")
+        row_losses, row_counts = row_losses + first, row_counts + (first_labels != -100)
+    count = num_items_in_batch if num_items_in_batch is not None else row_counts.sum()
+    loss = row_losses.sum() / count
+    rows = prompt_ids >= 0  # rows of the bare model belong to no adapter
+    ids = prompt_ids[rows]
+    sums = row_losses.new_zeros(num_adapters).index_add(0, ids, row_losses[rows])
+    counts = row_counts.new_zeros(num_adapters).index_add(0, ids, row_counts[rows])
+    return loss, sums / counts
 
 
 # --- encoders (bidirectional attention)

@@ -1,0 +1,1 @@
+"""Training soft prompts from the command line: ``softprompt-kernels train`` and ``inspect``."""
