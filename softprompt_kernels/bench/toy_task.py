@@ -68,8 +68,10 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-def text_data(path, count: int = 24, seed: int = 0) -> str:
-    return write_jsonl(path, [{"text": s} for s in sentences(count, seed)])
+def text_data(path, count: int = 24, seed: int = 0, per_example: int = 1) -> str:
+    """``count`` lines of ``per_example`` sentences each (about 9 tokens a sentence)."""
+    flat = sentences(count * per_example, seed)
+    return write_jsonl(path, [{"text": " ".join(flat[i * per_example:(i + 1) * per_example])} for i in range(count)])
 
 
 def completion_data(path, count: int = 24, seed: int = 0) -> str:

@@ -41,16 +41,21 @@ class Case:
     hidden: int = 128
     layers: int = 4
     lengths: tuple = (8, 16)
+    per_example: int = 1           # sentences per example (about 9 tokens each)
     rounds: int = 3
 
     @property
     def name(self) -> str:
         what = f"{len(INITS) * len(self.lengths)} candidates" if self.kind == "sweep" else "1 candidate"
-        return f"{self.kind}: {what}, B{self.B}, {self.steps} steps, toy llama {self.hidden}x{self.layers}"
+        return (f"{self.kind}: {what}, B{self.B}, ~{9 * self.per_example} tokens, k{self.lengths[0]}"
+                + (f"/{self.lengths[1]}" if self.kind == "sweep" else "")
+                + f", {self.steps} steps, toy llama {self.hidden}x{self.layers}")
 
 
 SUITES = {
-    "train-cpu": Suite("train-cpu", "cpu", [Case("sweep"), Case("throughput", steps=60)], Timing()),
+    # throughput: examples of ~110 tokens and k 32 (the sweep case is the tiny, overhead-bound run of the goal)
+    "train-cpu": Suite("train-cpu", "cpu", [Case("sweep"), Case("throughput", steps=40, B=16, hidden=256,
+                                                                 lengths=(32,), per_example=12)], Timing()),
     "train-cpu-quick": Suite("train-cpu-quick", "cpu",
                              [Case("sweep", steps=3, B=2, examples=12, hidden=32, layers=1, lengths=(2, 3), rounds=1),
                               Case("throughput", steps=3, B=2, examples=12, hidden=32, layers=1, rounds=1)],
@@ -102,7 +107,7 @@ def _peft_trainer(case: Case, root: Path, tag: str) -> int:
     from ..train import data as datalib
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(root / "model")
-    examples = datalib.tokenize(datalib.read_jsonl(str(root / "train.jsonl")), tokenizer, 256).examples
+    examples = datalib.tokenize(datalib.read_jsonl(str(root / "train.jsonl")), tokenizer, 256 - max(case.lengths)).examples  # train's default max_length
     batches = [datalib.batch_at(examples, case.B, step, 0, tokenizer.pad_token_id) for step in range(case.steps)]
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "model").eval()
     torch.manual_seed(0)
@@ -131,8 +136,8 @@ def _prepare(case: Case, root: Path) -> None:
     from .toy_task import llama_dir, text_data
 
     llama_dir(root / "model", hidden=case.hidden, layers=case.layers, heads=4, kv_heads=2)
-    text_data(root / "train.jsonl", case.examples, seed=0)
-    text_data(root / "eval.jsonl", max(4, case.examples // 6), seed=1)
+    text_data(root / "train.jsonl", case.examples, seed=0, per_example=case.per_example)
+    text_data(root / "eval.jsonl", max(4, case.examples // 6), seed=1, per_example=case.per_example)
 
 
 def measure(case: Case, device, providers: Optional[Sequence[str]], timing: Timing) -> List[Record]:

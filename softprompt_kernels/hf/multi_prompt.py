@@ -2,8 +2,8 @@
 
 ``model(input_ids, ..., adapter_names=["a", "b", None, "a"])`` on an accelerated PEFT model that holds
 several prompt-learning adapters of one kind: each distinct adapter's per-layer prefix is computed once
-(prefix tuning: its encoder; prompt/P-tuning: one batch-1 pass of its prompt), the prefixes are padded to
-the longest and stacked into a bank ``[P, Hkv, K, D]`` per layer, and every row attends to its own
+(prefix tuning: its encoder; prompt/P-tuning: the prompts of all of them in one batch-P pass), the prefixes
+are padded to the longest and stacked into a bank ``[P, Hkv, K, D]`` per layer, and every row attends to its own
 through ``prompt_ids`` and ``prefix_lens`` (``None``: the bare model for that row). Text positions of a
 row start at its adapter's length. Multi-task prompt training and prompt ensembling (one example
 repeated with N adapters) are this call.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import _compat
 from .attention import SoftPromptContext
-from .prompts import prefix_tuning_layers, prompt_embeddings, run_prompt_once
+from .prompts import prefix_tuning_layers, prompt_embeddings, run_prompts_together
 
 
 @dataclass
@@ -55,18 +55,20 @@ def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch:
     kind = _compat.peft_type_name(_compat.adapter_config(peft_model, distinct[0])) if distinct else None
     prefix_method = kind == "PREFIX_TUNING"
     first = None
-    if prefix_method:
-        per_adapter = [prefix_tuning_layers(peft_model, name) for name in distinct]
-    else:
-        passes = [run_prompt_once(model, prompt_embeddings(peft_model, model, name), want_logits)
-                  for name in distinct]
-        per_adapter = [p.layers for p in passes]
-        if want_logits and distinct:
-            first = torch.cat([p.last_logits for p in passes])[prompt_ids.clamp(min=0)]
     num_layers = _compat.text_config(model).num_hidden_layers
     width = int(lengths.max()) if distinct else 0
-    layers = [(_stack([a[i][0] for a in per_adapter], width), _stack([a[i][1] for a in per_adapter], width))
-              for i in range(num_layers)] if distinct else [_empty_prefix(model, device)] * num_layers
+    if not distinct:
+        layers = [_empty_prefix(model, device)] * num_layers
+    elif prefix_method:
+        per_adapter = [prefix_tuning_layers(peft_model, name) for name in distinct]
+        layers = [(_stack([a[i][0] for a in per_adapter], width), _stack([a[i][1] for a in per_adapter], width))
+                  for i in range(num_layers)]
+    else:
+        prompts = [prompt_embeddings(peft_model, model, name)[0] for name in distinct]
+        prompt_pass = run_prompts_together(model, prompts, want_logits)
+        layers = prompt_pass.layers  # already [P, Hkv, width, D]
+        if want_logits:
+            first = prompt_pass.last_logits[prompt_ids.clamp(min=0)]
     row_lengths = torch.where(prompt_ids >= 0, lengths[prompt_ids.clamp(min=0)] if distinct else 0, 0)
     context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids,
                                 prefix_lens=lengths if distinct else None)

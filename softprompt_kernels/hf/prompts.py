@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,6 +62,29 @@ def run_prompt_once(model, prompts: torch.Tensor, want_logits: bool = True) -> P
         out = model(inputs_embeds=prompts, use_cache=False, logits_to_keep=1 if want_logits else 0,
                     softprompt_context=capture)
     return PromptPass(list(capture.captured), out.logits[:, -1] if want_logits else None)
+
+
+def run_prompts_together(model, prompts: Sequence[torch.Tensor], want_logits: bool = True) -> PromptPass:
+    """Several prompts ``[k_a, hidden]`` in one pass (batch P): per layer the bank ``[P, Hkv, max k, D]``, and
+    each prompt's last-position logits ``[P, vocab]``.
+
+    Shorter prompts are padded at the end by repeating their last embedding: causal attention keeps the
+    padding out of every real position (whose K/V and logits are those of the prompt's own batch-1 pass),
+    and the padded slots hold finite values that ``prefix_lens`` keeps the op from reading.
+    """
+    lengths = [p.shape[0] for p in prompts]
+    width = max(lengths)
+    stacked = torch.stack([torch.cat([p, p[-1:].expand(width - p.shape[0], -1)]) for p in prompts])
+    span = width - min(lengths) + 1  # the logits from the shortest prompt's last position on
+    capture = SoftPromptContext.capturing(_compat.text_config(model).num_hidden_layers)
+    with _compat.activation_checkpointing_disabled(model):
+        out = model(inputs_embeds=stacked, use_cache=False, logits_to_keep=span if want_logits else 0,
+                    softprompt_context=capture)
+    last = None
+    if want_logits:
+        index = torch.tensor([k - 1 - (width - span) for k in lengths], device=out.logits.device)
+        last = out.logits[torch.arange(len(prompts), device=out.logits.device), index]
+    return PromptPass(list(capture.captured), last)
 
 
 def prompt_embeddings(peft_model, model, adapter: Optional[str] = None) -> torch.Tensor:
