@@ -308,3 +308,17 @@ def test_encoder_sweep_equals_separate_runs(tmp_path, method):
         torch.testing.assert_close(torch.tensor(candidate["train_loss"]), torch.tensor(alone["train_loss"]),
                                    rtol=1e-5, atol=1e-6)
         assert candidate["final_eval_accuracy"] == alone["final_eval_accuracy"]
+
+
+def test_epochs_and_bf16(files, tmp_path):
+    """--epochs counts passes over the data (20 examples, batch 8: 3 steps an epoch); --bf16 loads the
+    frozen model in bfloat16 and still writes an adapter plain PEFT loads."""
+    out = tmp_path / "out"
+    assert run_cli("--model", files["model"], "--data", files["text"], "--eval-fraction", 0, "--epochs", 1.5,
+                   "--batch", 8, "--num-virtual-tokens", 2, "--bf16", "--out", out) == 0
+    (candidate,) = json.loads((out / "metrics.json").read_text())["candidates"]
+    assert [step for step, _ in candidate["train_loss"]] == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in candidate["train_loss"])
+    assert candidate["final_eval_loss"] is None
+    base = AutoModelForCausalLM.from_pretrained(files["model"], dtype=torch.bfloat16)
+    PeftModel.from_pretrained(base, out)
