@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -67,3 +67,50 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optional[floa
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+
+
+# The collectives sharded training issues (FSDP2 calls the *_single forms; FSDP and DeepSpeed the *_tensor ones).
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+               "all_reduce")
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Counts the calls of each ``torch.distributed`` collective in :data:`COLLECTIVES` made in the block, by
+    wrapping them in the module the engines call them from: yields a dict name -> count, filled as they run.
+    ``all_gather`` = all_gather_single + all_gather_into_tensor (the weights gathered), likewise
+    ``reduce_scatter``."""
+    import torch.distributed as dist
+
+    counts = {name: 0 for name in COLLECTIVES}
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(dist, name, counting(name, original))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        counts["all_gather"] = counts["all_gather_single"] + counts["all_gather_into_tensor"]
+        counts["reduce_scatter"] = counts["reduce_scatter_single"] + counts["reduce_scatter_tensor"]
+
+
+def kernel_calls(fn: Callable[[], Any], prefix: str = "softprompt_kernels::") -> Tuple[Any, Dict[str, int]]:
+    """Runs ``fn`` under the profiler; returns its result and how often each op named ``prefix...`` ran (the
+    project's registered ops, forward and backward: evidence that its kernels, not a fallback, did the work)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    calls: Dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith(prefix):
+            calls[event.name] = calls.get(event.name, 0) + 1
+    return result, calls

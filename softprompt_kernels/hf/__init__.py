@@ -11,7 +11,8 @@ from .accelerate import AccelerationError, accelerate, is_accelerated, restore  
 from .attention import ATTENTION_NAME, SoftPromptContext, register, use_softprompt_attention  # noqa: E402
 from .checkpoints import load_trainable, save_trainable  # noqa: E402
 from .families import EXCEPTIONS, UnsupportedModelError, family_of, unsupported_reason  # noqa: E402
+from .sharding import full_prompt_parameters, is_sharded, save_adapter  # noqa: E402
 
 __all__ = ["accelerate", "restore", "save_trainable", "load_trainable", "is_accelerated", "AccelerationError",
            "SoftPromptContext", "register", "use_softprompt_attention", "ATTENTION_NAME", "EXCEPTIONS", "unsupported_reason",
-           "UnsupportedModelError", "family_of"]
+           "UnsupportedModelError", "family_of", "save_adapter", "full_prompt_parameters", "is_sharded"]

@@ -150,6 +150,49 @@ def new_dynamic_cache(model):
     return DynamicCache(config=model.config)
 
 
+# --- transformers: KV caches whose rows join and leave (continuous batching)
+
+
+def cache_is_joinable(model) -> bool:
+    """Whether every layer of the model's dynamic cache is a plain growing layer ([B, H, L, D] that can be
+    left-padded, merged and split by row); sliding-window layers keep one length for the whole batch."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in new_dynamic_cache(model).layers)
+
+
+def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+    layer.device, layer.dtype = keys.device, keys.dtype
+    layer.is_initialized = True
+
+
+def cache_select(cache, index: torch.Tensor):
+    """A new cache holding the rows ``index`` of ``cache`` (the original is left as it is)."""
+    import copy
+
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]  # keeps a sliding layer's window and length
+    for layer in selected.layers:
+        _set_layer(layer, layer.keys.index_select(0, index), layer.values.index_select(0, index))
+    return selected
+
+
+def cache_merge(cache, other):
+    """``cache`` with the rows of ``other`` appended; both left-padded (zeros) to the longer length."""
+    for layer, extra in zip(cache.layers, other.layers):
+        width = max(layer.keys.shape[-2], extra.keys.shape[-2])
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))  # noqa: E731
+        _set_layer(layer, torch.cat([pad(layer.keys), pad(extra.keys)]), torch.cat([pad(layer.values), pad(extra.values)]))
+    return cache
+
+
+def cache_drop_front(cache, count: int) -> None:
+    """Drops the first ``count`` positions of every row (padding that no row needs any more)."""
+    for layer in cache.layers:
+        _set_layer(layer, layer.keys[..., count:, :], layer.values[..., count:, :])
+
+
 # --- transformers: generation hook
 
 
@@ -181,3 +224,14 @@ def activation_checkpointing_disabled(model):
     finally:
         for layer in layers:
             layer.gradient_checkpointing = True
+
+
+# --- PEFT: saving an adapter on a sharded model
+
+
+def save_prompt_adapter(peft_model, directory: str, is_main_process: bool) -> None:
+    """PEFT's ``save_pretrained`` without ``model.state_dict()``: a prompt-learning adapter's tensor comes from the
+    prompt encoder (``get_prompt_embedding_to_save``), never from the state dict, and under FSDP2 taking the
+    state dict reshards the module (its pre-save hook) before the encoder runs. An explicit empty
+    ``state_dict`` skips it; PEFT ignores its contents for prompt learning."""
+    peft_model.save_pretrained(directory, is_main_process=is_main_process, state_dict={})

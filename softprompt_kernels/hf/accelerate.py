@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from ..insertion import insert_prompt
 from . import _compat
-from .attention import use_softprompt_attention
+from .attention import SoftPromptContext, use_softprompt_attention
 from .families import family_of
 from .multi_prompt import build_bank
 from .prompts import context_for, prefix_tuning_layers, prompt_embeddings, run_prompt_once
+from .sharding import is_sharded
 
 SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 DECODER_TASKS = ("CAUSAL_LM",)
@@ -185,6 +186,9 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
     adapter_names = kwargs.pop("adapter_names", None)
     has_prompt = None
+    if adapter_names is None and _packs_prompt(self, model, length, kwargs):
+        return _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds, labels,
+                                      output_attentions, output_hidden_states, return_dict, kwargs)
     if adapter_names is not None:
         bank = build_bank(self, model, adapter_names, batch, device, want_logits=labels is not None)
         k, context, first_logits = bank.row_lengths, bank.context, bank.first_logits
@@ -213,6 +217,61 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
             out = type(out)(loss=loss, **out)
             out["adapter_losses"] = adapter_losses
     return _as_requested(out, return_dict, model)
+
+
+def _packs_prompt(self, model, length: int, kwargs) -> bool:
+    """Whether this forward runs the prompt packed with the text (row 0 of one batch) instead of in its own
+    batch-1 pass: on a sharded model (each layer's weights gathered per call: the separate pass would gather
+    every layer twice per step, forward and backward), without a cache (the packed row would enter it), and when
+    the text is at least as long as the prompt (the prompt row is padded to the text's length, never the
+    text rows to the prompt's)."""
+    if _compat.pop_cache(dict(kwargs)) is not None or kwargs.get("use_cache"):
+        return False
+    return _compat.active_config(self).num_virtual_tokens <= length and is_sharded(model)
+
+
+def _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds, labels, output_attentions,
+                           output_hidden_states, return_dict, kwargs):
+    """Prompt/P-tuning with the prompt as row 0 of the batch (docs/DESIGN.md section 8): ``[B + 1, n]``.
+
+    Row 0 holds the k prompt embeddings (padded at the end by repeating the last; causal attention keeps the
+    padding out of every real position) at positions 0..n-1; rows 1..B the text at PEFT's positions k.. . In
+    each layer the attention of rows 1..B takes row 0's first k keys and values as their prefix, so the layer
+    sees the prompt and the text in one call: one gather of its weights, one checkpointed segment, and the
+    prompt computed on every rank exactly as in the batch-1 pass. Row 0's logit at position k - 1 predicts every
+    row's first token."""
+    k = _compat.active_config(self).num_virtual_tokens
+    family = _family(self)
+    prompt = prompt_embeddings(self, model)  # [1, k, hidden]
+    text = model.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+    batch, length = text.shape[0], text.shape[1]
+    prompt_row = torch.cat([prompt, prompt[:, -1:].expand(1, length - k, -1)], dim=1).to(text.dtype)
+    embeds = torch.cat([prompt_row, text])
+    mask = None
+    if attention_mask is not None:
+        mask = torch.cat([attention_mask.new_ones(1, length), attention_mask])
+    positions = torch.cat([_text_positions(family, 0, 1, length, 0, None, text.device, model),
+                           _text_positions(family, k, batch, length, 0, attention_mask, text.device, model)])
+    kwargs.pop("use_cache", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    context = SoftPromptContext.packed(k, batch + 1, text.device)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+                softprompt_context=context, **kwargs)
+    fields = {name: _text_rows(value) for name, value in out.items() if name not in ("loss", "past_key_values")}
+    if labels is not None:
+        loss = _prompt_lm_loss(out.logits[:1, k - 1], fields["logits"], labels, num_items)
+        fields = {"loss": loss, **fields}  # the loss first, as in the tuple form
+    return _as_requested(type(out)(**fields), return_dict, model)
+
+
+def _text_rows(value):
+    """An output field without the packed prompt row (tensors [B + 1, ...] and tuples of them)."""
+    if isinstance(value, torch.Tensor):
+        return value[1:]
+    if isinstance(value, tuple):
+        return tuple(_text_rows(v) for v in value)
+    return value
 
 
 def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, has_prompt=None):

@@ -12,7 +12,6 @@ layer finds its own prefix there (``module.layer_idx``) without global state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -26,33 +25,60 @@ from . import _compat
 ATTENTION_NAME = "softprompt"
 
 
-@dataclass
 class SoftPromptContext:
     """The prefixes of one forward call: per layer ``(prefix_k, prefix_v)``, each ``[P, Hkv, K, D]``.
 
     ``prompt_ids [B]`` picks each row's prefix (-1: none; None: P must be 1) and ``prefix_lens [P]``
     how many slots each prompt uses, exactly as in ``prefix_attention``.
+
+    A plain class, on purpose not a dataclass, list or registered pytree: wrappers that walk a module's
+    keyword arguments rebuild such containers when they hold tensors that need gradients (FSDP2's
+    ``fully_shard`` hands each sharded layer a copy), and the capture of the prompt pass would then be
+    written into a copy and lost. Opaque, every layer sees this one object.
     """
 
-    layer_prefixes: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]]
-    prompt_ids: Optional[torch.Tensor] = None
-    prefix_lens: Optional[torch.Tensor] = None
-    # With a sliding window: True puts each row's prefix right before its first real key (serving, so that a
-    # left-padded request sees the window it would see alone); False right before the padded sequence, where
-    # PEFT's cache puts it (training parity).
-    prefix_after_padding: bool = False
-    # Capture mode (the batch-1 prompt pass): no prefix; each layer records its (key, value) here.
-    captured: Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None
+    __slots__ = ("layer_prefixes", "prompt_ids", "prefix_lens", "prefix_after_padding", "captured", "packed_prompt")
+
+    def __init__(self, layer_prefixes: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]],
+                 prompt_ids: Optional[torch.Tensor] = None, prefix_lens: Optional[torch.Tensor] = None,
+                 prefix_after_padding: bool = False,
+                 captured: Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+                 packed_prompt: Optional[int] = None):
+        self.layer_prefixes = layer_prefixes
+        self.prompt_ids = prompt_ids
+        self.prefix_lens = prefix_lens
+        # With a sliding window: True puts each row's prefix right before its first real key (serving, so that a
+        # left-padded request sees the window it would see alone); False right before the padded sequence, where
+        # PEFT's cache puts it (training parity).
+        self.prefix_after_padding = prefix_after_padding
+        # Capture mode (the batch-1 prompt pass): no prefix; each layer records its (key, value) here.
+        self.captured = captured
+        # Packed mode (sharded training, docs/DESIGN.md section 8): row 0 of the batch is the prompt (k = this
+        # many positions, padded at the end); every other row's prefix is row 0's first k keys and values of the
+        # same layer, so the prompt and the text go through each layer in one call.
+        self.packed_prompt = packed_prompt
 
     @classmethod
     def capturing(cls, num_layers: int) -> "SoftPromptContext":
         return cls(layer_prefixes=None, captured=[None] * num_layers)
+
+    @classmethod
+    def packed(cls, k: int, batch: int, device) -> "SoftPromptContext":
+        """For a packed batch of ``batch`` rows (the prompt first): row 0 has no prefix, the others row 0's."""
+        prompt_ids = torch.zeros(batch, dtype=torch.long, device=device)
+        prompt_ids[0] = -1
+        return cls(layer_prefixes=None, prompt_ids=prompt_ids, packed_prompt=k)
 
     def prefix(self, layer_idx: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         if layer_idx is None or not 0 <= layer_idx < len(self.layer_prefixes):
             raise ValueError(f"softprompt_context has prefixes for {len(self.layer_prefixes)} layers; an attention "
                              f"module with layer_idx={layer_idx!r} asked for one")
         return self.layer_prefixes[layer_idx]
+
+    def __repr__(self) -> str:
+        layers = None if self.layer_prefixes is None else len(self.layer_prefixes)
+        return (f"SoftPromptContext(layers={layers}, prompt_ids={self.prompt_ids}, prefix_lens={self.prefix_lens}, "
+                f"capturing={self.captured is not None}, packed_prompt={self.packed_prompt})")
 
 
 def softprompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -76,7 +102,14 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     if softprompt_context is not None and softprompt_context.captured is not None:
         softprompt_context.captured[layer_idx] = (key, value)
         softprompt_context = None
-    if softprompt_context is not None:
+    if softprompt_context is not None and softprompt_context.packed_prompt is not None:
+        # row 0 is the prompt: its first k keys and values of this layer are every other row's prefix (views;
+        # autograd adds the prefix gradient to row 0's key/value gradient)
+        k = softprompt_context.packed_prompt
+        prefix_k, prefix_v = key[:1, :, :k], value[:1, :, :k]
+        prompt_ids, prefix_lens = softprompt_context.prompt_ids, None
+        after_padding = softprompt_context.prefix_after_padding
+    elif softprompt_context is not None:
         prefix_k, prefix_v = (p.to(query.dtype) for p in softprompt_context.prefix(layer_idx))
         prompt_ids, prefix_lens = softprompt_context.prompt_ids, softprompt_context.prefix_lens
         after_padding = softprompt_context.prefix_after_padding
