@@ -1,7 +1,10 @@
-"""The HTTP server: concurrent clients across adapters, bad requests, overload; and the CLI."""
+"""The HTTP server on loopback: bursts, isolation of bad and failing requests, malformed HTTP, slow and idle
+clients, streaming, the OpenAI fields, overload, disconnects, metrics; and the CLI's start-up."""
 import copy
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,104 +16,381 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
+pytest.importorskip("fastapi")
 
 import softprompt_kernels as sk  # noqa: E402
 from hf_models import tiny_model  # noqa: E402
+from softprompt_kernels.bench.toy_task import word_tokenizer  # noqa: E402
 from softprompt_kernels.serving.server import CompletionServer  # noqa: E402
 from test_serving_bank import make_adapter  # noqa: E402
 
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
-def post(url, payload, timeout=60):
+
+def post(address, payload, path="/v1/completions", timeout=60):
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    request = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(address + path, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
+            raw = response.read().decode()
+            return response.status, (json.loads(raw) if not raw.startswith("data:") else raw), dict(response.headers)
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        return error.code, json.loads(error.read()), dict(error.headers)
 
 
-@pytest.fixture(scope="module")
-def served():
+def events(raw: str):
+    chunks = [line[len("data: "):] for line in raw.split("\n") if line.startswith("data: ")]
+    assert chunks[-1] == "[DONE]"
+    return [json.loads(c) for c in chunks[:-1]]
+
+
+def make_server(**kwargs):
     base = tiny_model("llama")
     bank = sk.PromptBank(copy.deepcopy(base), capacity=2)  # 3 adapters: batches must evict and reload
     for seed, (name, kind, k) in enumerate([("a", "prompt", 4), ("b", "prefix", 3), ("c", "prompt", 6)]):
         bank.add(name, make_adapter(base, kind, k, seed))
-    server = CompletionServer(bank, port=0, max_batch=8, max_queue=64, batch_window_s=0.02).start()
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    options = dict(port=0, max_batch=8, max_queue=256, eos_token_id=2, body_timeout_s=1.0, idle_timeout_s=1.0)
+    options.update(kwargs)
+    return CompletionServer(bank, tokenizer, **options).start(), bank
+
+
+@pytest.fixture(scope="module")
+def served():
+    server, bank = make_server()
     yield server, bank
     server.stop()
+
+
+def alone(bank, adapter, prompt, max_tokens):
+    return bank.generate(torch.tensor([prompt]), adapters=[adapter], max_new_tokens=max_tokens, eos_token_id=2)[0]
 
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17], [18, 19, 20], [21, 22, 23, 24, 25]]
 
 
-def test_concurrent_clients_get_their_adapters_tokens(served):
+def test_answers_under_load_equal_each_request_alone(served):
+    """Mixed adapters, staggered arrivals (rows join and leave the running batch): every answer is the
+    request's own, as if sent alone."""
     server, bank = served
-    requests = [{"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0}
-                for model, prompt in zip(["a", "b", "base", "c", "a", "b"], PROMPTS)]
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        answers = list(pool.map(lambda r: post(server.address, r), requests))
-    for request, (status, body) in zip(requests, answers):
+    requests = [{"model": model, "prompt": prompt, "max_tokens": 3 + 2 * (i % 4), "temperature": 0}
+                for i, (model, prompt) in enumerate(zip(["a", "b", "base", "c", "a", "b"] * 4, PROMPTS * 4))]
+
+    def send(i):
+        time.sleep(0.01 * (i % 5))
+        return post(server.address, requests[i])
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        answers = list(pool.map(send, range(len(requests))))
+    for request, (status, body, _) in zip(requests, answers):
         assert status == 200, body
         adapter = None if request["model"] == "base" else request["model"]
-        alone = bank.generate(torch.tensor([request["prompt"]]), adapters=[adapter], max_new_tokens=5)[0]
-        assert body["choices"][0]["tokens"] == alone
-        assert body["usage"]["completion_tokens"] == 5 and body["object"] == "text_completion"
+        assert body["choices"][0]["tokens"] == alone(bank, adapter, request["prompt"], request["max_tokens"])
 
 
-@pytest.mark.parametrize("payload, status, message", [
-    (b"{not json", 400, "malformed JSON"),
-    ({"model": "nope", "prompt": [1, 2]}, 404, "does not exist"),
-    ({"model": "a", "prompt": "text"}, 400, "no tokenizer"),
-    ({"model": "a", "prompt": []}, 400, "non-empty list of token ids"),
-    ({"model": "a", "prompt": [1, 100000]}, 400, "token ids must lie in"),
-    ({"model": "a", "prompt": [1], "max_tokens": 0}, 400, "'max_tokens' must be an integer"),
-    ({"model": "a", "prompt": [1], "temperature": -1}, 400, "'temperature' must be a number"),
-    ({"model": "a", "prompt": [1], "stream": True}, 400, "not supported"),
-    ([1, 2, 3], 400, "must be a JSON object"),
+def test_a_burst_of_120_clients_gets_no_connection_errors(served):
+    server, _ = served
+    payload = {"model": "a", "prompt": [5, 6], "max_tokens": 2, "temperature": 0}
+    with ThreadPoolExecutor(max_workers=120) as pool:
+        answers = list(pool.map(lambda _: post(server.address, payload, timeout=120), range(120)))
+    assert [status for status, _, _ in answers] == [200] * 120
+
+
+@pytest.mark.parametrize("payload, field, message", [
+    ({"model": "a", "prompt": [1], "seed": 2 ** 64}, "seed", "less than or equal"),
+    ({"model": "a", "prompt": [1], "max_tokens": 300}, "max_tokens", "passes the model's 256 positions"),
+    ({"model": "a", "prompt": [5] * 70000}, "prompt", "at most 251 prompt tokens"),
+    ({"model": "a", "prompt": [1], "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"model": "a", "prompt": [1], "temperature": -1}, "temperature", "greater than or equal to 0"),
+    ({"model": "a", "prompt": [1], "best_of": 3}, "best_of", "not supported"),
+    ({"model": "a", "prompt": [1], "frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
+    ({"model": "a", "prompt": [1], "logprobs": 2, "echo": True}, "echo", "not supported"),
+    ({"model": "a", "prompt": [1], "suffix": "x"}, "suffix", "not supported"),
+    ({"model": "a", "prompt": [1], "frobnicate": 1}, "frobnicate", "not a field"),
+    ({"model": "a", "prompt": [1], "stream_options": {"include_usage": True}}, "stream_options", "needs"),
+    ({"model": "a", "prompt": []}, "prompt", "at least 1"),
+    ({"model": "a", "prompt": [1, 100000]}, "prompt", "token ids must lie in"),
+    ({"model": "a", "prompt": [1], "n": 2, "max_tokens": 200, "stop": ["x"] * 5}, "stop", "at most 4"),
+    ({"model": "a"}, "prompt", "is required"),
 ])
-def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, payload, status, message):
+def test_bad_requests_get_400_naming_the_field(served, payload, field, message):
     server, _ = served
-    got, body = post(server.address, payload)
-    assert got == status and message in body["error"]["message"]
-    ok, _ = post(server.address, {"model": "a", "prompt": [3, 4], "max_tokens": 2, "temperature": 0})
-    assert ok == 200
+    status, body, _ = post(server.address, payload)
+    assert status == 400 and body["error"]["param"] == field and message in body["error"]["message"], body
 
 
-def test_models_and_health(served):
+def test_poisoned_requests_never_fail_the_requests_beside_them(served):
+    server, bank = served
+    good = {"model": "b", "prompt": [9, 10, 11], "max_tokens": 6, "temperature": 0}
+    poison = [{"model": "a", "prompt": [1], "seed": 2 ** 64}, {"model": "a", "prompt": [1], "max_tokens": 300},
+              {"model": "a", "prompt": [5] * 70000}, b'{"model": "a", "prompt": [' + b"1" * 5000 + b"]}",
+              b"[" * 100000, {"model": "nope", "prompt": [1]}]
+    mixed = [good, *poison, good, good]
+    with ThreadPoolExecutor(max_workers=len(mixed)) as pool:
+        answers = list(pool.map(lambda p: post(server.address, p), mixed))
+    expected = alone(bank, "b", good["prompt"], 6)
+    for payload, (status, body, _) in zip(mixed, answers):
+        if payload is good:
+            assert status == 200 and body["choices"][0]["tokens"] == expected
+        else:
+            assert 400 <= status < 500, body
+
+
+def test_an_error_while_running_fails_only_its_row(served, monkeypatch):
+    """A forward that raises for one row (injected: any batch holding its poisoned prompt token at prefill,
+    or its second generated token at decode) fails that request with 500; the others finish correctly."""
+    server, bank = served
+    victim = {"model": "c", "prompt": [30, 31, 32], "max_tokens": 8, "temperature": 0}
+    victim_tokens = alone(bank, "c", victim["prompt"], 8)
+    poison_token = victim_tokens[1]
+    others = [{"model": m, "prompt": p, "max_tokens": 6, "temperature": 0}
+              for m, p in [("a", [5, 6, 7, 8]), ("b", [9, 10]), ("base", [40, 41])]]
+    others = [o for o in others if poison_token not in alone(bank, None if o["model"] == "base" else o["model"],
+                                                             o["prompt"], 6) + o["prompt"]]
+    assert others
+    model = bank.model
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1 and bool((ids == poison_token).any()):
+            raise RuntimeError("injected fault")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda p: post(server.address, p), [victim, *others]))
+    monkeypatch.undo()
+    status, body, _ = answers[0]
+    assert status == 500 and "injected fault" in body["error"]["message"]
+    for payload, (status, body, _) in zip(others, answers[1:]):
+        adapter = None if payload["model"] == "base" else payload["model"]
+        assert status == 200 and body["choices"][0]["tokens"] == alone(bank, adapter, payload["prompt"], 6)
+
+
+def raw_http(address, data: bytes, read_timeout=5.0, wait_close=False):
+    host, port = address.rsplit("//", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=read_timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        start = time.monotonic()
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return received, True, time.monotonic() - start  # the server closed the connection
+                received += chunk
+                if not wait_close and b"\r\n\r\n" in received:
+                    head, _, rest = received.partition(b"\r\n\r\n")
+                    length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")]
+                    if length and len(rest) >= length[0]:
+                        return received, False, time.monotonic() - start
+        except socket.timeout:
+            return received, False, time.monotonic() - start
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}",
+    b"GARBAGE\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nContent-Length: 9\r\n\r\n{}",
+])
+def test_malformed_http_is_answered_with_4xx(served, request_bytes):
     server, _ = served
-    with urllib.request.urlopen(server.address + "/v1/models", timeout=10) as response:
-        assert [m["id"] for m in json.loads(response.read())["data"]] == ["base", "a", "b", "c"]
-    with urllib.request.urlopen(server.address + "/health", timeout=10) as response:
-        assert json.loads(response.read()) == {"status": "ok"}
+    received, _, _ = raw_http(server.address, request_bytes)
+    assert received.startswith(b"HTTP/1.1 4"), received[:200]
 
 
-def test_overload_is_answered_with_503():
-    base = tiny_model("llama")
-    bank = sk.PromptBank(copy.deepcopy(base))
-    server = CompletionServer(bank, port=0, max_batch=1, max_queue=1, batch_window_s=0.0).start()
+def test_a_chunked_body_is_one_request(served):
+    server, bank = served
+    body = json.dumps({"model": "a", "prompt": [5, 6], "max_tokens": 2, "temperature": 0}).encode()
+    chunked = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (body[:10], body[10:])) + b"0\r\n\r\n"
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
+    received, _, _ = raw_http(server.address, request)
+    head, _, payload = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(payload)["choices"][0]["tokens"] == alone(bank, "a", [5, 6], 2)
+
+
+def test_short_bodies_and_idle_connections_are_closed(served):
+    server, _ = served
+    short = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\": "
+    received, closed, seconds = raw_http(server.address, short, read_timeout=6, wait_close=True)
+    assert received.startswith(b"HTTP/1.1 408") and closed and seconds < 5
+    received, closed, seconds = raw_http(server.address, b"", read_timeout=8, wait_close=True)  # connects, says nothing
+    assert closed and seconds < 7
+    received, closed, seconds = raw_http(server.address, b"POST /v1/compl", read_timeout=8, wait_close=True)
+    assert closed and seconds < 7  # half a request head
+    keep_alive = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    received, closed, seconds = raw_http(server.address, keep_alive, read_timeout=8, wait_close=True)
+    assert received.startswith(b"HTTP/1.1 200") and closed and seconds < 7
+
+
+def test_streamed_tokens_equal_the_non_streamed_answer(served):
+    server, _ = served
+    for path, payload in [("/v1/completions", {"model": "a", "prompt": "the cat sat on", "max_tokens": 6,
+                                               "temperature": 0}),
+                          ("/v1/chat/completions", {"model": "b", "messages": [{"role": "user", "content": "the dog"}],
+                                                    "max_tokens": 5, "temperature": 0})]:
+        status, whole, _ = post(server.address, payload, path)
+        assert status == 200
+        status, raw, headers = post(server.address, {**payload, "stream": True,
+                                                     "stream_options": {"include_usage": True}}, path)
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        chunks = events(raw)
+        tokens = [t for c in chunks for choice in c["choices"] for t in choice["tokens"]]
+        assert tokens == whole["choices"][0]["tokens"] and len([c for c in chunks if c["choices"]]) == len(tokens)
+        if path == "/v1/completions":
+            text = "".join(choice["text"] for c in chunks for choice in c["choices"])
+            assert text == whole["choices"][0]["text"]
+        else:
+            text = "".join(choice["delta"].get("content", "") for c in chunks for choice in c["choices"])
+            assert text == whole["choices"][0]["message"]["content"]
+            assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks[-1]["usage"]["completion_tokens"] == len(tokens)
+
+
+def test_stop_n_logprobs_echo_seed(served):
+    server, _ = served
+    base = {"model": "a", "prompt": "the cat", "max_tokens": 24, "temperature": 0}
+    _, whole, _ = post(server.address, base)
+    words = whole["choices"][0]["text"].split()
+    assert len(words) >= 2 and words[1] != words[0]
+    _, stopped, _ = post(server.address, {**base, "stop": ["zzz", words[1]]})
+    choice = stopped["choices"][0]
+    assert choice["finish_reason"] == "stop" and words[1] not in choice["text"].split()
+    assert len(choice["tokens"]) < len(whole["choices"][0]["tokens"])
+    assert whole["choices"][0]["text"].startswith(choice["text"])
+    _, echoed, _ = post(server.address, {**base, "echo": True})
+    assert echoed["choices"][0]["text"] == "the cat" + whole["choices"][0]["text"]
+    _, probs, _ = post(server.address, {**base, "logprobs": 3, "max_tokens": 3})
+    entry = probs["choices"][0]["logprobs"]
+    assert len(entry["token_logprobs"]) == 3 and all(len(top) == 3 for top in entry["top_logprobs"])
+    for logprob, top in zip(entry["token_logprobs"], entry["top_logprobs"]):
+        assert logprob == pytest.approx(max(top.values()), abs=1e-5)  # greedy: the chosen token is the top one
+    sampled = {"model": "b", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0.9, "seed": 7, "n": 3}
+    _, first, _ = post(server.address, sampled)
+    _, second, _ = post(server.address, sampled)
+    assert [c["tokens"] for c in first["choices"]] == [c["tokens"] for c in second["choices"]]
+    assert len({tuple(c["tokens"]) for c in first["choices"]}) > 1 and first["usage"]["completion_tokens"] == 18
+
+
+def test_chat_needs_a_chat_template():
+    server, _ = make_server()
+    server.tokenizer.chat_template = None
     try:
-        slow = {"model": "base", "prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0}
+        status, body, _ = post(server.address, {"model": "a", "messages": [{"role": "user", "content": "hi"}]},
+                               "/v1/chat/completions")
+        assert status == 400 and body["error"]["param"] == "messages"
+        status, body, _ = post(server.address, {"model": "a", "messages": [{"role": "robot", "content": "hi"}]},
+                               "/v1/chat/completions")
+        assert status == 400 and body["error"]["param"].startswith("messages")
+    finally:
+        server.stop()
+
+
+def test_overload_is_503_with_retry_after_and_the_server_recovers():
+    server, _ = make_server(max_batch=1, max_queue=1)
+    try:
+        slow = {"model": "base", "prompt": [5, 6, 7], "max_tokens": 200, "temperature": 0}
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(lambda _: post(server.address, slow, timeout=120), range(8)))
-        statuses = [status for status, _ in answers]
+        statuses = [status for status, _, _ in answers]
         assert 503 in statuses and 200 in statuses
-        overloaded = next(body for status, body in answers if status == 503)
-        assert "overloaded" in overloaded["error"]["message"]
+        status, body, headers = next(a for a in answers if a[0] == 503)
+        assert headers.get("retry-after") == "1" and "overloaded" in body["error"]["message"]
         assert post(server.address, {"model": "base", "prompt": [1], "max_tokens": 1})[0] == 200
     finally:
         server.stop()
 
 
-@pytest.mark.slow
-def test_cli_serve_on_loopback(tmp_path):
+def test_a_client_that_disconnects_leaves_the_batch(served):
+    server, _ = served
+    host, port = server.address.rsplit("//", 1)[1].split(":")
+    body = json.dumps({"model": "a", "prompt": [5, 6], "max_tokens": 240, "temperature": 0, "stream": True}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"data:" not in received:
+        received += sock.recv(65536)
+    sock.close()
+    deadline = time.monotonic() + 10
+    while server.engine.running_rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.running_rows == 0
+
+
+def test_a_short_request_joins_a_running_batch(served):
+    """Continuous batching: a request arriving while a long one runs gets its answer long before it ends."""
+    server, _ = served
+    long_request = {"model": "a", "prompt": [5, 6], "max_tokens": 240, "temperature": 0}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = time.monotonic()
+        long_future = pool.submit(post, server.address, long_request)
+        time.sleep(0.3)
+        short = post(server.address, {"model": "b", "prompt": [9], "max_tokens": 2, "temperature": 0})
+        short_done = time.monotonic()
+        long_answer = long_future.result()
+        long_done = time.monotonic()
+    assert short[0] == 200 and long_answer[0] == 200
+    assert short_done - started < 0.5 * (long_done - started)
+
+
+def test_models_health_metrics(served):
+    server, _ = served
+    with urllib.request.urlopen(server.address + "/v1/models", timeout=10) as response:
+        assert [m["id"] for m in json.loads(response.read())["data"]] == ["base", "a", "b", "c"]
+    with urllib.request.urlopen(server.address + "/health", timeout=10) as response:
+        assert json.loads(response.read())["status"] == "ok"
+    with urllib.request.urlopen(server.address + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for name in ("softprompt_queue_depth", "softprompt_running_rows", "softprompt_tokens_per_second",
+                 "softprompt_time_to_first_token_seconds_bucket", "softprompt_time_per_output_token_seconds_bucket",
+                 'softprompt_requests_total{status="200"}'):
+        assert name in text
+    status, body, _ = post(server.address, {"x": 1}, path="/v1/nothing")
+    assert status == 404
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "softprompt_kernels.cli", "serve", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
     base = tiny_model("llama")
-    base.save_pretrained(str(tmp_path / "model"))
-    make_adapter(base, "prefix", 3, 0).save_pretrained(str(tmp_path / "adapter"))
+    base.save_pretrained(str(root / "model"))
+    make_adapter(base, "prefix", 3, 0).save_pretrained(str(root / "adapter"))
+    return root
+
+
+@pytest.mark.slow
+def test_cli_refuses_bad_adapters_one_line_each(model_dir):
+    result = run_cli("--model", str(model_dir / "model"), "--adapter", f"ok={model_dir / 'adapter'}",
+                     "--adapter", f"gone={model_dir / 'missing'}", "--adapter", f"also={model_dir / 'model'}",
+                     "--port", "0")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("softprompt-kernels serve:")]
+    assert len(lines) == 2 and "'gone'" in lines[0] and "'also'" in lines[1] and "Traceback" not in result.stderr
+    result = run_cli("--model", str(model_dir / "model"), "--adapter", f"base={model_dir / 'adapter'}")
+    assert result.returncode == 2 and "reserved" in result.stderr
+    result = run_cli("--model", str(model_dir / "model"), "--max-queue", "0")
+    assert result.returncode == 2 and "--max-queue" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_serves_warns_off_loopback_and_stops_on_sigterm(model_dir):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "-m", "softprompt_kernels.cli", "serve", "--model",
-                                str(tmp_path / "model"), "--adapter", f"x={tmp_path / 'adapter'}", "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                str(model_dir / "model"), "--adapter", f"x={model_dir / 'adapter'}", "--port", "0",
+                                "--host", "0.0.0.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
     try:
         deadline = time.time() + 120
         line = ""
@@ -118,10 +398,22 @@ def test_cli_serve_on_loopback(tmp_path):
             line = process.stdout.readline()
             if not line and process.poll() is not None:
                 raise AssertionError(process.stderr.read())
-        address = line.split(" on ")[1].split(" ")[0]
-        assert address.startswith("http://127.0.0.1:")
-        status, body = post(address, {"model": "x", "prompt": [4, 5, 6], "max_tokens": 3, "temperature": 0})
+        port = line.split(" on ")[1].split(" ")[0].rsplit(":", 1)[1]
+        address = f"http://127.0.0.1:{port}"
+        status, body, _ = post(address, {"model": "x", "prompt": [4, 5, 6], "max_tokens": 3, "temperature": 0})
         assert status == 200 and len(body["choices"][0]["tokens"]) == 3
+        for _ in range(5):  # clients that vanish mid-stream
+            sock = socket.create_connection(("127.0.0.1", int(port)))
+            payload = json.dumps({"model": "x", "prompt": [4], "max_tokens": 100, "stream": True}).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(payload)).encode()
+                         + b"\r\n\r\n" + payload)
+            sock.recv(100)
+            sock.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        stderr = process.stderr.read()
+        assert "reachable from other machines" in stderr and "Traceback" not in stderr
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)

@@ -87,6 +87,10 @@ class PromptBank:
     def names(self) -> List[str]:
         return sorted(self._host)
 
+    def prompt_length(self, name: str) -> int:
+        """The adapter's number of virtual tokens (the positions its prompt takes)."""
+        return self._host[name].length
+
     def resident(self) -> List[str]:
         """Adapters on the device, least recently used first."""
         return list(self._resident)

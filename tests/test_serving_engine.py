@@ -1,0 +1,149 @@
+"""The continuous-batching engine: rows join and leave a running batch and every request still gets the
+tokens of a greedy loop over PEFT's forward for its adapter alone; per-row sampling, n, cancellation, the
+static policy, and sliding-window families."""
+import copy
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+import softprompt_kernels as sk  # noqa: E402
+from hf_models import tiny_model  # noqa: E402
+from softprompt_kernels.serving.engine import Engine, Request, SamplingParams  # noqa: E402
+from test_serving_bank import ADAPTERS, greedy_loop, make_adapter  # noqa: E402
+
+
+def bank_and_models(base, capacity=4):
+    models = {name: make_adapter(base, kind, k, seed) for seed, (name, (kind, k)) in enumerate(ADAPTERS.items())}
+    bank = sk.PromptBank(copy.deepcopy(base), capacity=capacity)
+    for name, model in models.items():
+        bank.add(name, model)
+    return bank, models
+
+
+def expected_tokens(base, models, adapter, prompt, steps):
+    model = base if adapter is None else models[adapter]
+    ids = torch.tensor([prompt])
+    return greedy_loop(lambda i, m: model(input_ids=i, attention_mask=m).logits, ids, torch.ones_like(ids),
+                       steps)[0].tolist()
+
+
+SPECS = [("x6", [5, 6, 7, 8], 7), ("p3", [9, 10], 5), (None, [11, 12, 13, 14, 15, 16], 9), ("x4", [17], 3),
+         ("p5", [18, 19, 20], 12), ("p3", [21, 22, 23, 24, 25], 4), ("x6", [26, 27], 6), (None, [28], 8)]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_rows_joining_and_leaving_get_each_requests_own_tokens(model_type):
+    base = tiny_model(model_type, dtype=torch.float64)
+    bank, models = bank_and_models(base)
+    engine = Engine(bank, max_batch=4, max_prefill_tokens=8).start()  # small: rows must wait, join, leave
+    try:
+        requests = []
+        for i, (adapter, prompt, steps) in enumerate(SPECS):
+            requests.append(engine.submit(Request(adapter, prompt, SamplingParams(max_tokens=steps, temperature=0))))
+            time.sleep(0.005 * (i % 3))
+        for request in requests:
+            assert request.done.wait(60)
+    finally:
+        engine.stop()
+    for (adapter, prompt, steps), request in zip(SPECS, requests):
+        assert request.error is None
+        assert request.choices[0].tokens == expected_tokens(base, models, adapter, prompt, steps), (adapter, prompt)
+        assert request.choices[0].finish_reason == "length"
+
+
+def test_static_policy_gives_the_same_tokens_and_admits_only_between_batches():
+    base = tiny_model("llama", dtype=torch.float64)
+    bank, models = bank_and_models(base)
+    engine = Engine(bank, max_batch=8, batching="static").start()
+    try:
+        first = engine.submit(Request("x6", [5, 6, 7], SamplingParams(max_tokens=30, temperature=0)))
+        time.sleep(0.05)
+        late = engine.submit(Request("p3", [9], SamplingParams(max_tokens=2, temperature=0)))
+        assert late.done.wait(60) and first.done.wait(60)
+    finally:
+        engine.stop()
+    assert late.first_token_at > first.finished_at - 1e-3  # it waited for the running batch to end
+    assert late.choices[0].tokens == expected_tokens(base, models, "p3", [9], 2)
+
+
+def test_sampling_is_per_row_and_reproducible_and_n_gives_independent_choices():
+    base = tiny_model("llama")
+    bank, _ = bank_and_models(base)
+    engine = Engine(bank, max_batch=8).start()
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+        a = engine.submit(Request("p5", [5, 6], params, n=3))
+        greedy = engine.submit(Request("p5", [5, 6], SamplingParams(max_tokens=8, temperature=0)))
+        assert a.done.wait(60) and greedy.done.wait(60)
+        b = engine.submit(Request("p5", [5, 6], params, n=3))
+        assert b.done.wait(60)
+    finally:
+        engine.stop()
+    assert [c.tokens for c in a.choices] == [c.tokens for c in b.choices]
+    assert len({tuple(c.tokens) for c in a.choices}) > 1
+    assert greedy.choices[0].tokens == bank.generate(torch.tensor([[5, 6]]), adapters=["p5"], max_new_tokens=8)[0]
+
+
+def test_a_cancelled_request_stops_and_leaves_the_batch():
+    base = tiny_model("llama")
+    bank, _ = bank_and_models(base)
+    engine = Engine(bank, max_batch=8).start()
+    try:
+        long = engine.submit(Request("x4", [5], SamplingParams(max_tokens=240, temperature=0)))
+        other = engine.submit(Request("p3", [6], SamplingParams(max_tokens=20, temperature=0)))
+        while not long.choices[0].tokens:
+            time.sleep(0.01)
+        long.cancel()
+        assert long.done.wait(30) and other.done.wait(30)
+        deadline = time.monotonic() + 10
+        while engine.running_rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(long.choices[0].tokens) < 240 and engine.running_rows == 0
+        assert other.choices[0].tokens == bank.generate(torch.tensor([[6]]), adapters=["p3"], max_new_tokens=20)[0]
+    finally:
+        engine.stop()
+
+
+def test_more_adapters_than_capacity_wait_instead_of_failing():
+    base = tiny_model("llama", dtype=torch.float64)
+    bank, models = bank_and_models(base, capacity=2)
+    engine = Engine(bank, max_batch=8).start()
+    try:
+        requests = [engine.submit(Request(a, p, SamplingParams(max_tokens=s, temperature=0))) for a, p, s in SPECS]
+        for request in requests:
+            assert request.done.wait(60)
+    finally:
+        engine.stop()
+    for (adapter, prompt, steps), request in zip(SPECS, requests):
+        assert request.error is None and request.choices[0].tokens == expected_tokens(base, models, adapter, prompt,
+                                                                                       steps)
+
+
+def test_sliding_window_families_are_batched_statically_and_say_so(caplog):
+    from hf_families import tiny_causal_lm
+
+    base = tiny_causal_lm("gemma3_text").double()
+    bank, models = bank_and_models(base)
+    with caplog.at_level("WARNING", logger="softprompt_kernels.serving"):
+        engine = Engine(bank, max_batch=8)
+    assert engine.batching == "static" and "sliding-window layers" in caplog.text
+    engine.start()
+    try:
+        requests = [engine.submit(Request(a, p, SamplingParams(max_tokens=s, temperature=0))) for a, p, s in SPECS[:4]]
+        for request in requests:
+            assert request.done.wait(60)
+    finally:
+        engine.stop()
+    for (adapter, prompt, steps), request in zip(SPECS, requests):
+        assert request.choices[0].tokens == expected_tokens(base, models, adapter, prompt, steps)
+
+
+def test_engine_arguments_are_checked():
+    bank, _ = bank_and_models(tiny_model("llama"))
+    with pytest.raises(ValueError, match="batching must be"):
+        Engine(bank, batching="dynamic")
+    with pytest.raises(ValueError, match="max_queue"):
+        Engine(bank, max_queue=0)
