@@ -180,3 +180,18 @@ def test_fsdp2_two_processes_equal_one_process(case, fsdp2_results):
             assert counts["all_gather"] > 1 + 2 * layers, counts
         else:
             assert counts["all_gather"] == 1 + 2 * layers, counts
+
+
+@pytest.mark.slow
+def test_quick_sharded_benchmark(tmp_path, capsys):
+    import json
+
+    from softprompt_kernels.bench.run import main
+
+    assert main(["--suite", "fsdp-cpu-quick", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "fsdp-cpu-quick.json").read_text())
+    assert {r["provider"] for r in records} == {"peft", "accelerated", "accelerated_separate"}
+    gathers = {r["provider"]: r["config"]["collectives_per_step"]["all_gather"] for r in records}
+    assert gathers["accelerated"] == gathers["peft"] < gathers["accelerated_separate"]
+    assert all(len(r["config"]["ms_per_rank"]) == 2 and r["peak_mem_mb"] > 0 for r in records)
+    assert "goal: " in capsys.readouterr().out
