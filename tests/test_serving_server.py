@@ -44,8 +44,8 @@ def events(raw: str):
     return [json.loads(c) for c in chunks[:-1]]
 
 
-def make_server(**kwargs):
-    base = tiny_model("llama")
+def make_server(model_type="llama", **kwargs):
+    base = tiny_model(model_type)
     bank = sk.PromptBank(copy.deepcopy(base), capacity=2)  # 3 adapters: batches must evict and reload
     for seed, (name, kind, k) in enumerate([("a", "prompt", 4), ("b", "prefix", 3), ("c", "prompt", 6)]):
         bank.add(name, make_adapter(base, kind, k, seed))
@@ -417,3 +417,38 @@ def test_cli_serves_warns_off_loopback_and_stops_on_sigterm(model_dir):
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_gpt2_positions_are_checked_per_request():
+    """GPT-2 has learned positions (n_positions = 256): a request past them is a 400 for that request only."""
+    server, bank = make_server("gpt2")
+    try:
+        good = {"model": "b", "prompt": [9, 10, 11], "max_tokens": 4, "temperature": 0}
+        bad = [{"model": "a", "prompt": [5] * 250, "max_tokens": 10}, {"model": "c", "prompt": [5] * 300}]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(lambda p: post(server.address, p), [good, *bad, good]))
+        assert [a[0] for a in answers] == [200, 400, 400, 200]
+        assert answers[1][1]["error"]["param"] == "max_tokens" and answers[2][1]["error"]["param"] == "prompt"
+        assert answers[0][1]["choices"][0]["tokens"] == alone(bank, "b", good["prompt"], 4)
+    finally:
+        server.stop()
+
+
+def test_many_idle_connections_cost_no_threads_and_are_closed(served):
+    import threading
+
+    server, _ = served
+    host, port = server.address.rsplit("//", 1)[1].split(":")
+    before = threading.active_count()
+    sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in range(300)]
+    try:
+        time.sleep(0.2)
+        assert threading.active_count() <= before + 2
+        assert post(server.address, {"model": "a", "prompt": [5], "max_tokens": 1})[0] == 200  # still serving
+        deadline = time.monotonic() + 10
+        for sock in sockets:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            assert sock.recv(10) == b""  # closed by the server's idle timer
+    finally:
+        for sock in sockets:
+            sock.close()
