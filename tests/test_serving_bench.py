@@ -20,6 +20,8 @@ def test_quick_serving_benchmark(tmp_path):
 
 
 def test_quick_serving_load_benchmark(tmp_path, capsys):
+    from softprompt_kernels.cli import main
+
     assert main(["bench", "--suite", "serve-load-cpu-quick", "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "serve-load-cpu-quick.json").read_text())
     assert {(r["config"]["kind"], r["provider"]) for r in records} == {
