@@ -452,3 +452,14 @@ def test_many_idle_connections_cost_no_threads_and_are_closed(served):
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_a_body_over_the_limit_is_413(served):
+    server, _ = served
+    big = json.dumps({"model": "a", "prompt": "the " * 300000}).encode()  # 1.2 MB
+    status, body, _ = post(server.address, big)
+    assert status == 413 and "over the limit" in body["error"]["message"]
+    chunked = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"".join(b"%x\r\n" % 65536 + b"x" * 65536 + b"\r\n" for _ in range(20)) + b"0\r\n\r\n")
+    received, _, _ = raw_http(server.address, chunked)  # no Content-Length to check up front
+    assert received.startswith(b"HTTP/1.1 413")
