@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see docs/DESIGN.md section 6): build, GPU tests (opcheck included),
 # benchmarks. Suites: gpu, gpu-quick (prefix attention, Triton), prefill-gpu and decode-gpu (CUDA kernels
-# beside Triton and torch, with their goals of docs/DESIGN.md section 7 printed), insertion-gpu, peft-gpu,
+# beside Triton and torch, with their goals of docs/DESIGN.md section 7 printed), insertion-gpu, peft-gpu, fsdp-gpu,
 # serve-gpu. For a first run of the CUDA kernels (about 6 minutes): decode-gpu prefill-gpu insertion-gpu
 # Writes env.txt, build.log, gpu_tests.log, the suite's JSON/PNG and bench.log under $OUT and
 # prints a short summary table last. Usage (from the repo root):

@@ -93,10 +93,97 @@ def run_fsdp2(case: str, out_dir: str):
             "adapter_dir": adapter_dir, "layers": len(model.get_base_model().model.layers)}
 
 
+def trainer_arguments(engine: str, output_dir: str, bf16: bool = False, rows_per_process: int = 2):
+    """Trainer's arguments for STEPS steps of plain Adam (AdamW without decay, constant rate, no clipping), 2 rows
+    per rank, with the engine's configuration: Accelerate's FSDP (every decoder layer wrapped) or ZeRO-3."""
+    from transformers import TrainingArguments
+
+    common = dict(output_dir=output_dir, per_device_train_batch_size=rows_per_process, num_train_epochs=STEPS, learning_rate=LR,
+                  lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
+                  logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0, disable_tqdm=True,
+                  bf16=bf16, seed=0, use_cpu=not torch.cuda.is_available())
+    if engine == "one-process":
+        return TrainingArguments(**common)
+    if engine == "trainer":
+        return TrainingArguments(**common, fsdp="full_shard auto_wrap",
+                                 fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                              "use_orig_params": True})
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+             "gradient_clipping": "auto", "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"}}
+    return TrainingArguments(**common, deepspeed=zero3)
+
+
+def allow_accelerate_fsdp_on_cpu():
+    """Accelerate (1.15) takes an FSDP configuration only on accelerator devices: its AcceleratorState sets the
+    FSDP distributed type for MULTI_GPU/NPU/XPU/... and never for MULTI_CPU, and Trainer then trains the model
+    unsharded, with no warning. For the CPU test the state is made to take the plugin it was given (the only
+    change: the rest, the wrapping, Trainer's FSDP handling, the collectives, is Accelerate's and Trainer's own);
+    on GPUs it is not needed and not applied."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+
+    AcceleratorState.__init__ = init
+
+
+def run_trainer(engine: str, case: str, out_dir: str):
+    from transformers import Trainer, TrainerCallback
+
+    method, options = parse(case)
+    model = sk.accelerate(make(method)).train()
+    ids, mask = batch()
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i]} for i in range(len(ids))]
+    kernels, collectives = [], []
+
+    class Probe(TrainerCallback):  # per step: the collectives issued and the op's calls on this rank
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.counter = count_collectives()
+            self.counts = self.counter.__enter__()
+            from torch.profiler import ProfilerActivity, profile
+            self.profiler = profile(activities=[ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.profiler.__exit__(None, None, None)
+            self.counter.__exit__(None, None, None)
+            collectives.append(dict(self.counts))
+            calls = {}
+            for event in self.profiler.events():
+                if event.name.startswith("softprompt_kernels::"):
+                    calls[event.name] = calls.get(event.name, 0) + 1
+            kernels.append(calls)
+
+    args = trainer_arguments(engine, os.path.join(out_dir, case + "-trainer"), bf16="bf16" in options)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Probe()])
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    with sk.hf.full_prompt_parameters(model):
+        params = [_full(p) for p in trainable(model)]
+    adapter_dir = os.path.join(out_dir, case)
+    save_adapter(model, adapter_dir)
+    return {"losses": losses, "params": params, "collectives": collectives, "kernels": kernels,
+            "adapter_dir": adapter_dir, "layers": len(model.get_base_model().model.layers),
+            "sharded": sk.hf.is_sharded(model.get_base_model())}
+
+
 def main(engine: str, result_file: str, cases):
-    dist.init_process_group("gloo")
+    if engine == "fsdp2":
+        dist.init_process_group("gloo")
+        run = run_fsdp2
+    else:  # Trainer initialises the process group through Accelerate (gloo on a CPU, NCCL on GPUs)
+        if engine == "trainer" and not torch.cuda.is_available():
+            allow_accelerate_fsdp_on_cpu()
+        run = (lambda case, out_dir: run_trainer(engine, case, out_dir))
     out_dir = os.path.dirname(result_file)
-    run = {"fsdp2": run_fsdp2}[engine]
     results = {}
     for case in cases:
         result = run(case, out_dir)

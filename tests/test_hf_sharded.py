@@ -130,8 +130,9 @@ def assert_adapter_loads_in_plain_peft(result, model, rtol=1e-5):
     from peft import PeftModel
 
     loaded = PeftModel.from_pretrained(tiny_model("llama"), result["adapter_dir"])
-    torch.testing.assert_close(loaded.prompt_encoder["default"].embedding.weight,
-                               model.get_prompt_embedding_to_save("default"), rtol=rtol, atol=1e-6)
+    reference = model.get_prompt_embedding_to_save("default")  # P-tuning: the encoder's output, not its weights
+    torch.testing.assert_close(loaded.prompt_encoder["default"].embedding.weight, reference, rtol=rtol,
+                               atol=rtol * reference.abs().max().item())
 
 
 def assert_kernels_ran_on_every_rank(result, calls_per_step: int):
@@ -195,3 +196,55 @@ def test_quick_sharded_benchmark(tmp_path, capsys):
     assert gathers["accelerated"] == gathers["peft"] < gathers["accelerated_separate"]
     assert all(len(r["config"]["ms_per_rank"]) == 2 and r["peak_mem_mb"] > 0 for r in records)
     assert "goal: " in capsys.readouterr().out
+
+
+def trainer_one_process(method: str, tmp_path):
+    """The reference of the Trainer tests: the same Trainer arguments, one process, the whole batch per step."""
+    from transformers import Trainer
+
+    from sharded_worker import trainer_arguments
+
+    model = sk.accelerate(make(method)).train()
+    ids, mask = batch()
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i]} for i in range(len(ids))]
+    args = trainer_arguments("one-process", str(tmp_path / f"{method}-reference"), rows_per_process=len(ids))
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    return model, torch.tensor([log["loss"] for log in trainer.state.log_history if "loss" in log])
+
+
+@pytest.fixture(scope="module")
+def trainer_fsdp_results(tmp_path_factory):
+    return run_workers("trainer", METHODS, tmp_path_factory.mktemp("trainer"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_trainer_with_accelerate_fsdp_equals_one_process(method, trainer_fsdp_results, tmp_path):
+    """HF Trainer with an Accelerate FSDP configuration (every decoder layer wrapped), 2 gloo ranks: the losses
+    and prompt parameters of one process on the whole batch, the adapter saved once, the op on every rank."""
+    result = trainer_fsdp_results[method]
+    assert result["sharded"]  # Accelerate sharded the model (on a CPU only with the worker's shim: see there)
+    model, losses = trainer_one_process(method, tmp_path)
+    assert_same_training(result, model, losses)
+    assert_adapter_loads_in_plain_peft(result, model)
+    assert_kernels_ran_on_every_rank(result, result["layers"])
+    for counts in result["collectives"]:
+        assert counts["reduce_scatter"] == 1 and counts["all_gather"] > 0, counts
+
+
+@pytest.mark.slow
+def test_trainer_with_deepspeed_zero3_equals_one_process(tmp_path):
+    """HF Trainer with DeepSpeed ZeRO-3 (DeepSpeed's CPU accelerator, gloo), 2 ranks: as the FSDP test. Not in
+    CI's requirements: DeepSpeed installs from source, and its first CPU run JIT-builds its shared-memory
+    collective op (about two minutes here); ``pip install deepspeed`` runs it."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    # prompt tuning only: prefix tuning under ZeRO-3 trains but its loss is 1.6e-3 (relative) off one process's
+    # from the first step (not yet understood; README, Sharded training)
+    results = run_workers("zero3", ["prompt"], tmp_path, timeout=420)
+    for method, result in results.items():
+        assert result["sharded"]  # ZeRO-3 partitioned the frozen weights
+        model, losses = trainer_one_process(method, tmp_path)
+        assert_same_training(result, model, losses)
+        assert_adapter_loads_in_plain_peft(result, model)
+        assert_kernels_ran_on_every_rank(result, result["layers"])
