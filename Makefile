@@ -6,6 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP_DEPS := $(VENV)/.deps
 STAMP_BUILD := $(VENV)/.built
+# DeepSpeed beside the venv, not in it: installed into the venv it makes transformers' Trainer import fail with
+# this accelerate; on PYTHONPATH only the ZeRO-3 test's worker processes see it.
+DEEPSPEED_OVERLAY := $(abspath $(VENV))/deepspeed-overlay
+STAMP_DEEPSPEED := $(VENV)/.deepspeed
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
 .PHONY: bench test test-quick package-check gpu-compile-check cuda-compile-check clean
@@ -14,8 +18,8 @@ bench: $(STAMP_BUILD)
 	$(BIN)/softprompt-kernels bench
 
 # Everything that runs without a GPU (GPU tests skip, saying so).
-test: $(STAMP_BUILD)
-	$(BIN)/python -m pytest -q
+test: $(STAMP_BUILD) $(STAMP_DEEPSPEED)
+	SOFTPROMPT_DEEPSPEED_PATH=$(DEEPSPEED_OVERLAY) $(BIN)/python -m pytest -q
 
 # The development tier: everything but the tests marked slow (emulator builds, interpreter sweeps,
 # torch.compile, multi-process DDP); a few minutes.
@@ -47,6 +51,12 @@ $(STAMP_DEPS): requirements-dev.txt
 $(STAMP_BUILD): $(STAMP_DEPS) setup.py pyproject.toml $(CSRC)
 	@echo "==> building the C++ extension softprompt_kernels._C (a few minutes the first time)"
 	$(BIN)/python -m pip install --no-build-isolation -e .
+	touch $@
+
+$(STAMP_DEEPSPEED): $(STAMP_DEPS)
+	@echo "==> installing DeepSpeed 0.19.8 into $(DEEPSPEED_OVERLAY) (the ZeRO-3 test's workers)"
+	$(BIN)/python -m pip install --no-deps --target $(DEEPSPEED_OVERLAY) deepspeed==0.19.8 hjson msgpack py-cpuinfo \
+		einops nvidia-ml-py
 	touch $@
 
 clean:
