@@ -35,7 +35,7 @@ python3 -m venv "$work/venv"
 venv="$work/venv/bin"
 "$venv/python" -m pip install -q --upgrade pip
 "$venv/python" -m pip install -q torch==2.13.0
-"$venv/python" -m pip install -q "$wheel[hf,triton,bench]"
+"$venv/python" -m pip install -q "$wheel[hf,triton,bench,serve,train]"
 
 check_install() {  # run from outside the checkout, so that only the installed package can be imported
   (cd "$work" && "$venv/python" - <<'PY'
