@@ -147,3 +147,44 @@ def test_engine_arguments_are_checked():
         Engine(bank, batching="dynamic")
     with pytest.raises(ValueError, match="max_queue"):
         Engine(bank, max_queue=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_a_step_failing_halfway_fails_only_its_row(model_type, monkeypatch):
+    """A decode step that raises in its second layer (after the first has appended to the cache), whenever
+    the batch holds the victim's second token: the victim fails, the others get their own tokens (the cache
+    is restored to before the step; continuous and static batching alike)."""
+    from hf_families import tiny_causal_lm
+
+    base = (tiny_model(model_type) if model_type == "llama" else tiny_causal_lm(model_type)).double()
+    bank, models = bank_and_models(base)
+    victim = ("p5", [30, 31, 32], 8)
+    poison = expected_tokens(base, models, *victim)[1]
+    others = [s for s in SPECS[:5] if poison not in expected_tokens(base, models, *s) + s[1]]
+    model = bank.model
+    poisoned = {"now": False}
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        poisoned["now"] = ids is not None and ids.shape[1] == 1 and bool((ids == poison).any())
+        return original(*args, **kwargs)
+
+    def second_layer(module, inputs):
+        if poisoned["now"]:
+            raise RuntimeError("injected fault in layer 1")
+
+    monkeypatch.setattr(model, "forward", forward)
+    model.model.layers[1].register_forward_pre_hook(second_layer)
+    engine = Engine(bank, max_batch=8).start()
+    try:
+        requests = [engine.submit(Request(a, p, SamplingParams(max_tokens=s, temperature=0)))
+                    for a, p, s in [victim, *others]]
+        for request in requests:
+            assert request.done.wait(60)
+    finally:
+        engine.stop()
+    assert "injected fault in layer 1" in requests[0].error
+    for (adapter, prompt, steps), request in zip(others, requests[1:]):
+        assert request.error is None
+        assert request.choices[0].tokens == expected_tokens(base, models, adapter, prompt, steps)

@@ -187,6 +187,19 @@ def cache_merge(cache, other):
     return cache
 
 
+def cache_snapshot(cache):
+    """What ``cache_restore`` needs to undo a forward that failed halfway (layers before the failure already
+    appended their keys): references only, since every update makes new tensors."""
+    return [(layer, layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in cache.layers]
+
+
+def cache_restore(snapshot) -> None:
+    for layer, keys, values, length in snapshot:
+        layer.keys, layer.values = keys, values
+        if length is not None:
+            layer.cumulative_length = length
+
+
 def cache_drop_front(cache, count: int) -> None:
     """Drops the first ``count`` positions of every row (padding that no row needs any more)."""
     for layer in cache.layers:

@@ -241,9 +241,11 @@ class Engine:
         rows = self._rows
         tokens = torch.tensor([row.pending for row in rows], device=self.bank.device)[:, None]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        snapshot = _compat.cache_snapshot(self._cache)
         try:
             logits = self._forward_step(tokens, mask, self._cache, self._context, self._row_lengths)
-        except Exception:  # noqa: BLE001 - retried row by row below
+        except Exception:  # noqa: BLE001 - retried row by row below, from the cache as it was before the step
+            _compat.cache_restore(snapshot)
             self._decode_row_by_row(tokens, mask)
             return
         self._mask = mask
@@ -258,25 +260,36 @@ class Engine:
         return out.logits[:, -1]
 
     def _decode_row_by_row(self, tokens, mask) -> None:
-        """A batched step failed: each row alone, so that only the rows that fail alone fail."""
-        survivors = []
+        """A batched step failed: each row alone (on a copy of its cache) finds the rows that fail alone; they
+        fail, and the step runs again, batched, for the others."""
+        keep = []
         for i, row in enumerate(self._rows):
             cache = _compat.cache_select(self._cache, torch.tensor([i], device=self.bank.device))
             context, row_lengths = self.bank.context_for([row.request.adapter])
             context.prefix_after_padding = True
             try:
-                logits = self._forward_step(tokens[i:i + 1], mask[i:i + 1], cache, context, row_lengths)
+                self._forward_step(tokens[i:i + 1], mask[i:i + 1], cache, context, row_lengths)
+                keep.append(i)
             except Exception as exc:  # noqa: BLE001
                 self._fail(row.request, f"{type(exc).__name__}: {exc}")
-                continue
-            self._advance([row], logits)
-            survivors.append((row, cache, mask[i:i + 1]))
-        self._reset_batch()
-        for row, cache, row_mask in survivors:
-            if row.choice.finish_reason is None and not row.request.cancelled:
-                self._join([row], cache, row_mask)
-            else:
-                self._finish_request(row.request)
+        if not keep:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep, device=self.bank.device)
+        rows = [self._rows[i] for i in keep]
+        self._rows, self._cache, self._mask = rows, _compat.cache_select(self._cache, index), self._mask[index]
+        self._rebuild_context()
+        tokens, mask = tokens[index], mask[index]
+        try:
+            logits = self._forward_step(tokens, mask, self._cache, self._context, self._row_lengths)
+        except Exception as exc:  # noqa: BLE001 - fails batched but not alone: fail them, the engine goes on
+            for row in rows:
+                self._fail(row.request, f"{type(exc).__name__}: {exc}")
+            self._reset_batch()
+            return
+        self._mask = mask
+        self._advance(rows, logits)
+        self._drop_finished()
 
     # --- rows: sampling, finishing, joining
 
