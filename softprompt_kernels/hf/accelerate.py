@@ -24,10 +24,12 @@ from . import _compat
 from .attention import SoftPromptContext, use_softprompt_attention
 from .families import family_of
 from .multi_prompt import build_bank
-from .prompts import context_for, prefix_tuning_layers, prompt_embeddings, run_prompt_once
+from .prompts import (check_task_ids, context_for, multitask_prompts, prefix_tuning_layers, prompt_embeddings,
+                      run_prompt_once)
 from .sharding import is_sharded
 
-SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+MULTITASK = "MULTITASK_PROMPT_TUNING"
 DECODER_TASKS = ("CAUSAL_LM",)
 ENCODER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
 _STATE = "_softprompt_state"
@@ -55,6 +57,9 @@ def accelerate(peft_model):
     if task not in tasks:
         kind = "causal decoders" if family.causal else "encoders"
         raise AccelerationError(f"task_type {task} on {family.model_type} is not supported; {kind} take {list(tasks)}")
+    if method == MULTITASK and not family.causal:
+        raise AccelerationError(f"{method} is accelerated on causal decoders; on {family.model_type} (an encoder) "
+                                "it is not yet supported: use PEFT's forward")
     previous_attention = use_softprompt_attention(model)
     if family.causal:
         forward = _prefix_forward if method == "PREFIX_TUNING" else _prompt_forward
@@ -186,15 +191,24 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
     adapter_names = kwargs.pop("adapter_names", None)
     has_prompt = None
-    if adapter_names is None and _packs_prompt(self, model, length, kwargs):
+    config = _compat.active_config(self)
+    multitask = _compat.peft_type_name(config) == MULTITASK
+    if multitask and adapter_names is not None:
+        raise ValueError("adapter_names does not apply to MULTITASK_PROMPT_TUNING adapters: pass task_ids (one task "
+                         "per row) instead")
+    if not multitask and adapter_names is None and _packs_prompt(self, model, length, kwargs):
         return _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds, labels,
                                       output_attentions, output_hidden_states, return_dict, kwargs)
     if adapter_names is not None:
         bank = build_bank(self, model, adapter_names, batch, device, want_logits=labels is not None)
         k, context, first_logits = bank.row_lengths, bank.context, bank.first_logits
         has_prompt = bank.row_lengths > 0
+    elif multitask:
+        k = config.num_virtual_tokens
+        task_ids = check_task_ids(task_ids, batch, config.num_tasks, device)
+        context, first_logits = multitask_prompts(self, model, task_ids, want_logits=labels is not None)
     else:
-        k = _compat.active_config(self).num_virtual_tokens
+        k = config.num_virtual_tokens
         prompt_pass = run_prompt_once(model, prompt_embeddings(self, model), want_logits=labels is not None)
         context, first_logits = context_for(prompt_pass.layers), prompt_pass.last_logits
     cache = _compat.pop_cache(kwargs)
@@ -407,13 +421,17 @@ def _generate(self, *gen_args, **gen_kwargs):
         return model.generate(*gen_args, **gen_kwargs)
     family = _family(self)
     k = config.num_virtual_tokens
-    gen_kwargs.pop("task_ids", None)
+    task_ids = gen_kwargs.pop("task_ids", None)
     with torch.no_grad():
-        if _compat.peft_type_name(config) == "PREFIX_TUNING":
-            layers = prefix_tuning_layers(self)
+        if _compat.peft_type_name(config) == MULTITASK:
+            ids = gen_kwargs.get("input_ids", gen_args[0] if gen_args else None)
+            ids = ids if ids is not None else gen_kwargs["inputs_embeds"]
+            task_ids = check_task_ids(task_ids, ids.shape[0], config.num_tasks, ids.device)
+            context, _ = multitask_prompts(self, model, task_ids, want_logits=False)
+        elif _compat.peft_type_name(config) == "PREFIX_TUNING":
+            context = context_for(prefix_tuning_layers(self))
         else:
-            layers = run_prompt_once(model, prompt_embeddings(self, model), want_logits=False).layers
-    context = context_for(layers)
+            context = context_for(run_prompt_once(model, prompt_embeddings(self, model), want_logits=False).layers)
 
     def wrap(original):
         def prepare_inputs(*args, **kwargs):

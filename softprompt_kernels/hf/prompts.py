@@ -87,6 +87,37 @@ def run_prompts_together(model, prompts: Sequence[torch.Tensor], want_logits: bo
     return PromptPass(list(capture.captured), last)
 
 
+def check_task_ids(task_ids, batch: int, num_tasks: int, device) -> torch.Tensor:
+    """``task_ids`` of a MULTITASK_PROMPT_TUNING forward as a long tensor [B] on ``device``; errors name it."""
+    if task_ids is None:
+        raise ValueError("task_ids is required for a MULTITASK_PROMPT_TUNING adapter: one task index per row")
+    task_ids = torch.as_tensor(task_ids, device=device)
+    if task_ids.dtype not in (torch.int32, torch.int64) or task_ids.shape != (batch,):
+        raise ValueError(f"task_ids must be an integer tensor [B={batch}], got {tuple(task_ids.shape)} "
+                         f"{task_ids.dtype}")
+    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
+        raise ValueError(f"task_ids must lie in [0, num_tasks={num_tasks}), got {task_ids.tolist()}")
+    return task_ids.long()
+
+
+def multitask_prompts(peft_model, model, task_ids: torch.Tensor, want_logits: bool):
+    """MULTITASK_PROMPT_TUNING on a causal decoder: (context, first-token logits [B, vocab] or None).
+
+    Each distinct task of the batch gets its prompt from PEFT's encoder (the shared prompt times the task's
+    low-rank factor); the prompts go through the model together (one batch-T pass) and each row attends to
+    its task's through ``prompt_ids``: the shared-prompt reformulation, per task.
+    """
+    config = _compat.adapter_config(peft_model)
+    distinct, row_task = torch.unique(task_ids, return_inverse=True)
+    encoder = _compat.prompt_encoder(peft_model)
+    tokens = _compat.prompt_tokens(peft_model)[: config.num_virtual_tokens].to(distinct.device)
+    prompts = encoder(tokens[None].expand(len(distinct), -1), distinct)  # [T, k, hidden]
+    prompts = prompts.to(model.get_input_embeddings().weight.dtype)
+    prompt_pass = run_prompts_together(model, list(prompts), want_logits)
+    context = SoftPromptContext(layer_prefixes=prompt_pass.layers, prompt_ids=row_task)
+    return context, (prompt_pass.last_logits[row_task] if want_logits else None)
+
+
 def prompt_embeddings(peft_model, model, adapter: Optional[str] = None) -> torch.Tensor:
     """PROMPT_TUNING / P_TUNING prompt ``[1, k, hidden]`` in the model's embedding dtype."""
     prompts = prompt_encoder_output(peft_model, adapter)[None]
