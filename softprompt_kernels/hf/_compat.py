@@ -23,6 +23,15 @@ def peft_type_name(peft_config) -> str:
     return getattr(peft_type, "value", str(peft_type))
 
 
+# PEFT types whose adapter is a per-layer key/value prefix: the prompt encoder's output [k, layers * 2 * Hkv * D]
+# (PEFT's forward treats CARTRIDGE, a prefix with frozen first slots, exactly as PREFIX_TUNING).
+KV_PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+
+
+def is_kv_prefix(peft_config) -> bool:
+    return peft_type_name(peft_config) in KV_PREFIX_TYPES
+
+
 def task_type_name(peft_config) -> Optional[str]:
     task = getattr(peft_config, "task_type", None)
     return getattr(task, "value", task)

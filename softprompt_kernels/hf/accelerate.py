@@ -28,7 +28,7 @@ from .prompts import (check_task_ids, context_for, multitask_prompts, prefix_tun
                       run_prompt_once)
 from .sharding import is_sharded
 
-SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE")
 MULTITASK = "MULTITASK_PROMPT_TUNING"
 DECODER_TASKS = ("CAUSAL_LM",)
 ENCODER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
@@ -62,9 +62,9 @@ def accelerate(peft_model):
                                 "it is not yet supported: use PEFT's forward")
     previous_attention = use_softprompt_attention(model)
     if family.causal:
-        forward = _prefix_forward if method == "PREFIX_TUNING" else _prompt_forward
+        forward = _prefix_forward if _compat.is_kv_prefix(config) else _prompt_forward
     else:
-        forward = _encoder_prefix_forward if method == "PREFIX_TUNING" else _encoder_prompt_forward
+        forward = _encoder_prefix_forward if _compat.is_kv_prefix(config) else _encoder_prompt_forward
     # partials, not bound methods: they pickle (torch.save of the whole model) and keep the signature
     # (Trainer reads forward's parameters to pick dataset columns)
     state = {"attention": previous_attention, "family": family, "forward": functools.partial(forward, peft_model)}
@@ -428,7 +428,7 @@ def _generate(self, *gen_args, **gen_kwargs):
             ids = ids if ids is not None else gen_kwargs["inputs_embeds"]
             task_ids = check_task_ids(task_ids, ids.shape[0], config.num_tasks, ids.device)
             context, _ = multitask_prompts(self, model, task_ids, want_logits=False)
-        elif _compat.peft_type_name(config) == "PREFIX_TUNING":
+        elif _compat.is_kv_prefix(config):
             context = context_for(prefix_tuning_layers(self))
         else:
             context = context_for(run_prompt_once(model, prompt_embeddings(self, model), want_logits=False).layers)

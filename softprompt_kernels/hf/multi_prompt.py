@@ -52,8 +52,7 @@ def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch:
     prompt_ids = torch.tensor([index[name] if name is not None else -1 for name in adapter_names], device=device)
     lengths = torch.tensor([_compat.adapter_config(peft_model, name).num_virtual_tokens for name in distinct],
                            device=device)
-    kind = _compat.peft_type_name(_compat.adapter_config(peft_model, distinct[0])) if distinct else None
-    prefix_method = kind == "PREFIX_TUNING"
+    prefix_method = bool(distinct) and _compat.is_kv_prefix(_compat.adapter_config(peft_model, distinct[0]))
     first = None
     num_layers = _compat.text_config(model).num_hidden_layers
     width = int(lengths.max()) if distinct else 0

@@ -179,7 +179,7 @@ class PromptBank:
         method = _compat.peft_type_name(config)
         if method in ("PROMPT_TUNING", "P_TUNING"):
             return self._from_prompt(embeddings)
-        if method == "PREFIX_TUNING":
+        if _compat.is_kv_prefix(config):
             self._check_prefix_config(config)
             return self._from_prefix(embeddings)
         raise AdapterError(f"peft_type {method} is not a prompt-learning adapter PromptBank can serve")

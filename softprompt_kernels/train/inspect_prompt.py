@@ -35,7 +35,9 @@ CAVEAT = ('nearest tokens are a weak explanation of a soft prompt: Khashabi et a
 PREFIX_REASON = ("prefix tuning learns per-layer attention keys and values, not input embeddings: "
                  "there is no vocabulary to compare them with")
 EMBEDDING_TYPES = ("PROMPT_TUNING", "P_TUNING")
-PREFIX_TYPES = ("PREFIX_TUNING",)
+# hf/_compat.py's KV_PREFIX_TYPES (prefix tuning and Cartridges); spelled out, not imported: the CLI builds this
+# command's parser on every invocation, and importing softprompt_kernels.hf would load transformers for all of them
+PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 # Vocabulary rows converted to float32 at a time: bounds the extra memory for 150k x 8k tables.
 VOCAB_CHUNK = 16384
 PROG = "softprompt-kernels inspect"
