@@ -28,7 +28,7 @@ from .prompts import (check_task_ids, context_for, multitask_prompts, prefix_tun
                       run_prompt_once)
 from .sharding import is_sharded
 
-SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE")
+SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE", "CPT")
 MULTITASK = "MULTITASK_PROMPT_TUNING"
 DECODER_TASKS = ("CAUSAL_LM",)
 ENCODER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
@@ -57,7 +57,7 @@ def accelerate(peft_model):
     if task not in tasks:
         kind = "causal decoders" if family.causal else "encoders"
         raise AccelerationError(f"task_type {task} on {family.model_type} is not supported; {kind} take {list(tasks)}")
-    if method == MULTITASK and not family.causal:
+    if method in (MULTITASK, "CPT") and not family.causal:
         raise AccelerationError(f"{method} is accelerated on causal decoders; on {family.model_type} (an encoder) "
                                 "it is not yet supported: use PEFT's forward")
     previous_attention = use_softprompt_attention(model)
@@ -193,10 +193,14 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     has_prompt = None
     config = _compat.active_config(self)
     multitask = _compat.peft_type_name(config) == MULTITASK
+    cpt = _compat.peft_type_name(config) == "CPT"
     if multitask and adapter_names is not None:
         raise ValueError("adapter_names does not apply to MULTITASK_PROMPT_TUNING adapters: pass task_ids (one task "
                          "per row) instead")
-    if not multitask and adapter_names is None and _packs_prompt(self, model, length, kwargs):
+    if cpt and adapter_names is not None:
+        raise ValueError("adapter_names is not supported with CPT adapters (their loss is CPT's own)")
+    input_type_mask = kwargs.pop("input_type_mask", None)
+    if not (multitask or cpt) and adapter_names is None and _packs_prompt(self, model, length, kwargs):
         return _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds, labels,
                                       output_attentions, output_hidden_states, return_dict, kwargs)
     if adapter_names is not None:
@@ -209,7 +213,8 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         context, first_logits = multitask_prompts(self, model, task_ids, want_logits=labels is not None)
     else:
         k = config.num_virtual_tokens
-        prompt_pass = run_prompt_once(model, prompt_embeddings(self, model), want_logits=labels is not None)
+        prompt_pass = run_prompt_once(model, prompt_embeddings(self, model), want_logits=labels is not None,
+                                      all_logits=cpt and labels is not None)
         context, first_logits = context_for(prompt_pass.layers), prompt_pass.last_logits
     cache = _compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
@@ -221,7 +226,10 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 position_ids=position_ids, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
-    if labels is not None:  # rebuilt, not assigned: the loss must come first in the tuple form
+    if labels is not None and cpt:
+        loss = _cpt_loss(prompt_pass.logits, out.logits, labels, input_type_mask, config)
+        out = type(out)(loss=loss, **out)
+    elif labels is not None:  # rebuilt, not assigned: the loss must come first in the tuple form
         if adapter_names is None:
             out = type(out)(loss=_prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt), **out)
         else:
@@ -308,6 +316,46 @@ def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, 
                            ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
     return (first + rest) / count
+
+
+def _cpt_loss(prompt_logits, text_logits, labels, input_type_mask, config):
+    """CPT's loss (PEFT's CPTEmbedding.calculate_loss) without the [B, k + n, V] logits of the concatenation.
+
+    CPT also predicts its context tokens: over [prompt; text] position t predicts label t + 1, where the
+    prompt's labels are ``cpt_token_ids`` and only positions whose type (prompt types, then the row's
+    ``input_type_mask`` shifted past them) is a positive multiple of 4 count, optionally weighted by an
+    exponential decay over a row's label groups, last group first. The prompt's positions (``prompt_logits
+    [k, V]``, computed once) are the same for every row; their weights are not.
+    """
+    batch, length = labels.shape
+    k, vocab = prompt_logits.shape
+    device = text_logits.device
+    labels = labels.to(device)
+    if input_type_mask is None:
+        input_type_mask = torch.full((batch, length), 4, device=device)
+    prefix_labels = torch.tensor(config.cpt_token_ids, device=device).long()[None].expand(batch, k)
+    prefix_types = torch.tensor(config.cpt_tokens_type_mask, device=device).long()[None].expand(batch, k)
+    input_types = input_type_mask.to(device).long()
+    input_types = torch.where(input_types > 0, input_types + prefix_types.max(), input_types)
+    types = torch.cat([prefix_types, input_types], dim=1)
+    all_labels = torch.cat([prefix_labels, labels], dim=1).masked_fill(~((types > 0) & (types % 4 == 0)), -100)
+    next_labels, next_types = all_labels[:, 1:], types[:, 1:]  # [B, k + n - 1]
+    ce = functools.partial(F.cross_entropy, ignore_index=-100, reduction="none")
+    prompt_part = ce(prompt_logits[:-1].float(), next_labels[0, :k - 1])[None].expand(batch, k - 1)
+    first = ce(prompt_logits[-1:].float().expand(batch, vocab), next_labels[:, k - 1])[:, None]
+    text = ce(text_logits[:, :-1].float().reshape(-1, vocab), next_labels[:, k:].reshape(-1)).view(batch, length - 1)
+    losses = torch.cat([prompt_part, first, text], dim=1)
+    valid = next_labels != -100
+    weights = valid.float()
+    if config.opt_weighted_loss_type == "decay":
+        for row in range(batch):
+            groups = next_types[row][(next_types[row] > 0) & (next_types[row] % 4 == 0)].unique()
+            decay, value = torch.ones_like(weights[row]), 1.0
+            for group in torch.flip(groups, [0]):
+                decay[next_types[row] == group] = value
+                value *= config.opt_loss_decay_factor
+            weights[row] = weights[row] * decay
+    return (losses[valid] * weights[valid]).mean()
 
 
 def _prompt_labels(labels, has_prompt):

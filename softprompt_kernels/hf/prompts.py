@@ -49,9 +49,10 @@ class PromptPass:
 
     layers: List[Prefix]
     last_logits: Optional[torch.Tensor]  # [1, vocab]
+    logits: Optional[torch.Tensor] = None  # [k, vocab], every prompt position's (all_logits=True: CPT's loss)
 
 
-def run_prompt_once(model, prompts: torch.Tensor, want_logits: bool = True) -> PromptPass:
+def run_prompt_once(model, prompts: torch.Tensor, want_logits: bool = True, all_logits: bool = False) -> PromptPass:
     """Runs ``prompts [1, k, hidden]`` through ``model`` (a causal LM on softprompt attention).
 
     Each attention layer records its K/V into the context (no KV cache involved, so it works with
@@ -59,9 +60,10 @@ def run_prompt_once(model, prompts: torch.Tensor, want_logits: bool = True) -> P
     """
     capture = SoftPromptContext.capturing(_compat.text_config(model).num_hidden_layers)
     with _compat.activation_checkpointing_disabled(model):
-        out = model(inputs_embeds=prompts, use_cache=False, logits_to_keep=1 if want_logits else 0,
+        out = model(inputs_embeds=prompts, use_cache=False, logits_to_keep=0 if all_logits else int(want_logits),
                     softprompt_context=capture)
-    return PromptPass(list(capture.captured), out.logits[:, -1] if want_logits else None)
+    return PromptPass(list(capture.captured), out.logits[:, -1] if want_logits or all_logits else None,
+                      out.logits[0] if all_logits else None)
 
 
 def run_prompts_together(model, prompts: Sequence[torch.Tensor], want_logits: bool = True) -> PromptPass:
