@@ -202,8 +202,10 @@ def set_up(settings: TrainSettings) -> Run:
     tokenizer = _load_tokenizer(settings.model)
     model = _load_model(settings, train_set.kind, labels)
     model.requires_grad_(False)
-    family = hf.family_of(model.config, model)
-    causal = family.causal
+    try:
+        causal = hf.family_of(model.config, model).causal
+    except hf.UnsupportedModelError as error:
+        raise TrainError(f"--model {settings.model}: {error}") from None
     if train_set.kind == "classification" and causal:
         raise TrainError(f"--data {settings.data}: classification trains on encoders; {settings.model} is a causal "
                          f"decoder ({model.config.model_type}): give it {{\"text\"}} or {{\"prompt\", \"completion\"}} lines")
@@ -225,7 +227,10 @@ def set_up(settings: TrainSettings) -> Run:
                for c in candidates]
     peft_model = add_adapters(model, candidates, configs)
     peft_model.set_adapter(candidates[0].name)  # every candidate's parameters train: see _activate
-    hf.accelerate(peft_model)
+    try:
+        hf.accelerate(peft_model)
+    except hf.AccelerationError as error:
+        raise TrainError(f"--model {settings.model}: {error}") from None
     peft_model.eval()  # no dropout: deterministic candidates and resumes (the module docstring)
     try:
         train_tok = datalib.tokenize(train_set, tokenizer, settings.max_length, labels)
