@@ -163,3 +163,33 @@ def gpu_inputs(shape, dtype, seed=0, requires_grad=False):
         kwargs["key_padding_mask"] = torch.arange(Lk, device="cuda")[None, :] >= (Lk - lengths[:, None])
     grad = torch.randn(B, Hq, Lq, D, device="cuda", generator=gen)
     return [t.to(dtype).requires_grad_(requires_grad) for t in tensors], kwargs, grad.to(dtype)
+
+
+def run_torchrun(script: str, args, timeout: int, env=None, nproc: int = 2) -> str:
+    """``python -m torch.distributed.run`` on a free port, in its own process group, killed whole on a
+    timeout so that no rank outlives the test (an orphaned rank can stall the next run's collectives);
+    returns the output, fails the test with its tail otherwise."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import pytest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(port), script, *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ if env is None else env, OMP_NUM_THREADS="1"),
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{os.path.basename(script)} ranks ran past {timeout} s:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-4000:]
+    return output

@@ -167,15 +167,10 @@ def test_resume_from_plain_peft_directory(tmp_path):
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_ddp_two_processes_equal_one_process(method, tmp_path):
     """Two CPU processes (gloo, DistributedDataParallel), half the batch each, through torchrun."""
-    import subprocess
-    import sys
+    from helpers import run_torchrun
 
-    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     result_file = str(tmp_path / "grads.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          worker, method, result_file], capture_output=True, text=True, timeout=240, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_torchrun(os.path.join(os.path.dirname(__file__), "ddp_worker.py"), [method, result_file], timeout=240)
     ddp_grads = torch.load(result_file)
     model = sk.accelerate(make(method))
     ids, _ = padded_batch(B=4, n=8, seed=3)
