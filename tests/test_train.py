@@ -1,7 +1,6 @@
 """``softprompt-kernels train``: end to end (adapter loadable by plain PEFT, same loss), sweeps equal to
 separate runs, resuming, data errors with line numbers."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from softprompt_kernels.cli import main  # noqa: E402
 from softprompt_kernels.train import data as datalib  # noqa: E402
-from softprompt_kernels.train.trainer import TrainSettings, evaluate, set_up, train, train_step  # noqa: E402
+from softprompt_kernels.train.trainer import TrainSettings, evaluate, set_up, train_step  # noqa: E402
 from train_fixtures import classification_data, completion_data, text_data, tiny_model_dir, word_tokenizer  # noqa: E402
 
 
