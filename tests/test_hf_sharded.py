@@ -4,9 +4,6 @@ The multi-process tests start two gloo CPU processes through torch.distributed.r
 bounded in time, their process group killed on a timeout so that nothing is left behind.
 """
 import os
-import signal
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +13,7 @@ pytest.importorskip("peft")
 
 import softprompt_kernels as sk  # noqa: E402
 import softprompt_kernels.hf  # noqa: E402,F401
+from helpers import run_torchrun  # noqa: E402
 from hf_models import padded_batch, tiny_model  # noqa: E402
 from sharded_worker import LR, STEPS, batch, parse  # noqa: E402
 from softprompt_kernels.hf import SoftPromptContext, is_sharded, save_adapter  # noqa: E402
@@ -80,12 +78,6 @@ def test_is_sharded_and_save_adapter_on_one_process(tmp_path):
                                model.get_prompt_embedding_to_save("default"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deepspeed_path():
     """Where DeepSpeed is for the workers: importable here, or the overlay `make test` installs
     (SOFTPROMPT_DEEPSPEED_PATH, default .venv/deepspeed-overlay); None if neither."""
@@ -102,20 +94,10 @@ def run_workers(engine: str, cases, tmp_path, timeout: int = 150):
     """Two ranks of tests/sharded_worker.py; their results (rank 0's file). On a timeout the whole process group
     (torchrun and both ranks) is killed, so no process outlives the test."""
     result_file = str(tmp_path / "results.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ)
     if engine == "zero3" and deepspeed_path():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (deepspeed_path(), env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), WORKER, engine, result_file, *cases]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{engine} workers ran past {timeout} s:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-4000:]
+    run_torchrun(WORKER, [engine, result_file, *cases], timeout=timeout, env=env)
     return torch.load(result_file, weights_only=False)
 
 
