@@ -2,7 +2,8 @@
 
 ``insert_prompt(input_ids, weight, prompt)`` returns ``[B, k + n, d]`` whose first ``k`` rows of every
 sequence are the soft prompt and whose rest is the embedding lookup of ``input_ids``; the prompt's
-gradient is the sum over rows.
+gradient is the sum over rows. ``insert_prompts(input_ids, weight, prompts, prompt_ids)`` gives each row its
+own prompt of ``[P, k, d]`` (multitask prompt tuning): one ``insert_prompt`` call per distinct prompt.
 
 Backends (the op ``insert_prompt`` of the one registry, softprompt_kernels/backends.py): ``torch``
 (the reference below: PEFT's expand + cat, differentiated by autograd), ``cpu`` and ``cuda`` (fused
@@ -12,7 +13,7 @@ prompt or the embedding matrix, no intermediate embedding tensor, the prompt nev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -151,3 +152,39 @@ def insert_prompt(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.T
     if validate:
         _check_id_range(inputs.input_ids, inputs.weight.shape[0])
     return chosen.run(inputs)
+
+
+def insert_prompts(input_ids: torch.Tensor, weight: torch.Tensor, prompts: torch.Tensor,
+                   prompt_ids: Optional[torch.Tensor] = None, *, backend: str = "auto",
+                   validate: bool = True) -> torch.Tensor:
+    """``[B, k + n, d]``: row b holds ``prompts[prompt_ids[b]]`` in front of ``weight[input_ids[b]]``.
+
+    ``prompts`` ``[P, k, d]``; ``prompt_ids`` ``[B]`` integer in [0, P), or None when P is 1 (as in
+    ``prefix_attention``). Each distinct prompt of the batch is one ``insert_prompt`` call over its rows (each
+    prompt's gradient summed over its own rows by the kernel, the prompts never expanded), the rows then put
+    back in order by one gather; a batch of one prompt is one call and no gather. ``backend`` and ``validate``
+    as for ``insert_prompt``.
+    """
+    prompts = _check_tensor(prompts, "prompts", "[P, k, d]")
+    if prompts.dim() != 3:
+        raise InvalidArgumentError(f"prompts must be a [P, k, d] tensor, got shape {tuple(prompts.shape)}")
+    if prompt_ids is None:
+        if prompts.shape[0] != 1:
+            raise InvalidArgumentError(f"prompt_ids is required with P={prompts.shape[0]} prompts (None means P=1)")
+        return insert_prompt(input_ids, weight, prompts[0], backend=backend, validate=validate)
+    prompt_ids = _check_tensor(prompt_ids, "prompt_ids", "[B]")
+    batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() >= 1 else None
+    if prompt_ids.dtype not in INDEX_DTYPES or prompt_ids.dim() != 1 or prompt_ids.shape[0] != batch:
+        raise InvalidArgumentError(f"prompt_ids must be an int32/int64 tensor [B={batch}] (one prompt per row of "
+                                   f"input_ids), got shape {tuple(prompt_ids.shape)} {prompt_ids.dtype}")
+    distinct, row_prompt = torch.unique(prompt_ids, return_inverse=True)  # sorted: one read-back
+    if distinct.numel() and (int(distinct[0]) < 0 or int(distinct[-1]) >= prompts.shape[0]):
+        raise InvalidArgumentError(f"prompt_ids must lie in [0, P={prompts.shape[0]}), got {prompt_ids.tolist()}")
+    if distinct.numel() <= 1:  # one prompt (or no rows)
+        first = prompts[distinct[0]] if distinct.numel() else prompts[0]
+        return insert_prompt(input_ids, weight, first, backend=backend, validate=validate)
+    order = torch.argsort(row_prompt, stable=True)  # the rows grouped by prompt, each group in row order
+    counts = torch.bincount(row_prompt, minlength=distinct.numel()).tolist()
+    parts = [insert_prompt(input_ids[rows], weight, prompts[p], backend=backend, validate=validate)
+             for p, rows in zip(distinct.tolist(), order.split(counts))]
+    return torch.cat(parts).index_select(0, torch.argsort(order))

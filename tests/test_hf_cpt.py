@@ -69,3 +69,10 @@ def test_cpt_generate_equals_a_greedy_loop_over_peft():
     sk.accelerate(model)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(out[:, -5:], expected)
+
+
+def test_cpt_on_an_encoder_is_refused_with_the_reason():
+    model = get_peft_model(tiny_model("bert"), CPTConfig(  # BertLMHeadModel
+        task_type="CAUSAL_LM", cpt_token_ids=CONTEXT, cpt_mask=[1] * len(CONTEXT), cpt_tokens_type_mask=TYPES))
+    with pytest.raises(sk.hf.AccelerationError, match="CPT on bert .*PEFT's CPT is for causal language models only"):
+        sk.accelerate(model)

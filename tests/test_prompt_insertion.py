@@ -273,3 +273,46 @@ def test_ops_reject_bad_arguments_directly(call, match):
     ids, weight, prompt = make()
     with pytest.raises((ValueError, TypeError), match=match):
         call(ids, weight, prompt)
+
+
+# --- insert_prompts: a prompt per row (multitask prompt tuning), one insert_prompt call per distinct prompt
+
+from softprompt_kernels.insertion import insert_prompts  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prompt_ids", [[2, 0, 2, 1, 0], [1, 1, 1, 1, 1], [0, 1, 2, 3, 4]], ids=["mixed", "one", "own"])
+def test_insert_prompts_gives_each_row_its_prompt(backend, prompt_ids):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 11, (5, 6), generator=gen)
+    weight = torch.randn(11, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    prompts = torch.randn(5, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor(prompt_ids)
+    out = insert_prompts(ids, weight, prompts, rows, backend=backend)
+    expected = torch.cat([prompts[rows], weight[ids]], dim=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, [weight, prompts], grad_out)
+    want = torch.autograd.grad(expected, [weight, prompts], grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    torch.autograd.gradcheck(lambda w, p: insert_prompts(ids, w, p, rows, backend=backend), (weight, prompts))
+
+
+def test_insert_prompts_without_prompt_ids_takes_one_prompt():
+    ids, weight, prompt = make()
+    torch.testing.assert_close(insert_prompts(ids, weight, prompt[None]), sk.insert_prompt(ids, weight, prompt))
+
+
+@pytest.mark.parametrize("prompts, prompt_ids, match", [
+    (torch.randn(4, 8), None, r"prompts must be a \[P, k, d\] tensor"),
+    (torch.randn(2, 4, 8), None, "prompt_ids is required with P=2"),
+    (torch.randn(2, 4, 8), torch.tensor([0, 1]), r"prompt_ids must be an int32/int64 tensor \[B=3\]"),
+    (torch.randn(2, 4, 8), torch.tensor([0.0, 1.0, 0.0]), r"prompt_ids must be an int32/int64 tensor \[B=3\]"),
+    (torch.randn(2, 4, 8), torch.tensor([0, 2, 1]), r"prompt_ids must lie in \[0, P=2\)"),
+    (torch.randn(2, 4, 8), torch.tensor([0, -1, 1]), r"prompt_ids must lie in \[0, P=2\)"),
+])
+def test_insert_prompts_rejects_bad_arguments(prompts, prompt_ids, match):
+    ids, weight, _ = make()
+    with pytest.raises(InvalidArgumentError, match=match):
+        insert_prompts(ids, weight, prompts, prompt_ids)

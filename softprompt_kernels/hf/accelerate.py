@@ -19,13 +19,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..insertion import insert_prompt
+from ..insertion import insert_prompts
 from . import _compat
 from .attention import SoftPromptContext, use_softprompt_attention
 from .families import family_of
 from .multi_prompt import build_bank
 from .prompts import (check_task_ids, context_for, multitask_prompts, prefix_tuning_layers, prompt_embeddings,
-                      run_prompt_once)
+                      run_prompt_once, task_prompts)
 from .sharding import is_sharded
 
 SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE", "CPT")
@@ -52,14 +52,14 @@ def accelerate(peft_model):
         raise AccelerationError(f"peft_type {method} is not supported; supported: {list(SUPPORTED_METHODS)}")
     model = peft_model.get_base_model()
     family = family_of(model.config, model)
+    if method == "CPT" and not family.causal:  # before the task check: this is the reason
+        raise AccelerationError(f"CPT on {family.model_type} (an encoder) is not supported: PEFT's CPT is for causal "
+                                "language models only (its config takes task_type CAUSAL_LM alone)")
     task = _compat.task_type_name(config)
     tasks = DECODER_TASKS if family.causal else ENCODER_TASKS
     if task not in tasks:
         kind = "causal decoders" if family.causal else "encoders"
         raise AccelerationError(f"task_type {task} on {family.model_type} is not supported; {kind} take {list(tasks)}")
-    if method in (MULTITASK, "CPT") and not family.causal:
-        raise AccelerationError(f"{method} is accelerated on causal decoders; on {family.model_type} (an encoder) "
-                                "it is not yet supported: use PEFT's forward")
     previous_attention = use_softprompt_attention(model)
     if family.causal:
         forward = _prefix_forward if _compat.is_kv_prefix(config) else _prompt_forward
@@ -418,7 +418,8 @@ def _encoder_prefix_forward(self, input_ids=None, attention_mask=None, inputs_em
 def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                             output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
                             position_ids=None, token_type_ids=None, **kwargs):
-    """Prompt/P-tuning on an encoder: the prompt inserted into the layer-0 input, as PEFT does.
+    """Prompt/P-tuning/multitask prompt tuning on an encoder: the prompt inserted into the layer-0 input, as PEFT
+    does; with MULTITASK_PROMPT_TUNING each row gets its task's prompt (``task_ids`` [B]), one per distinct task.
 
     Token classification returns logits for the text tokens only, so that labels [B, n] line up.
     """
@@ -428,13 +429,17 @@ def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_em
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
     if position_ids is not None:
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
-    prompt = prompt_embeddings(self, model)[0]
+    if _compat.peft_type_name(config) == MULTITASK:
+        prompts, row_prompt = task_prompts(self, model, check_task_ids(task_ids, batch, config.num_tasks, device))
+    else:
+        prompts, row_prompt = prompt_embeddings(self, model), None  # [1, k, hidden]: every row's
     embedding = model.get_input_embeddings()
     if inputs_embeds is None:
         # validate=False: no device sync per step; a bad id still fails loudly (cpu: error, cuda: NaN row)
-        inputs = insert_prompt(input_ids, embedding.weight, prompt, validate=False)
+        inputs = insert_prompts(input_ids, embedding.weight, prompts, row_prompt, validate=False)
     else:
-        inputs = torch.cat([prompt.to(inputs_embeds.dtype).expand(batch, -1, -1), inputs_embeds], dim=1)
+        rows = prompts.expand(batch, -1, -1) if row_prompt is None else prompts[row_prompt]
+        inputs = torch.cat([rows.to(inputs_embeds.dtype), inputs_embeds], dim=1)
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
     if token_type_ids is not None:

@@ -102,19 +102,28 @@ def check_task_ids(task_ids, batch: int, num_tasks: int, device) -> torch.Tensor
     return task_ids.long()
 
 
-def multitask_prompts(peft_model, model, task_ids: torch.Tensor, want_logits: bool):
-    """MULTITASK_PROMPT_TUNING on a causal decoder: (context, first-token logits [B, vocab] or None).
+def task_prompts(peft_model, model, task_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MULTITASK_PROMPT_TUNING: (the batch's distinct tasks' prompts ``[T, k, hidden]`` in the model's embedding
+    dtype, each row's index into them ``[B]``).
 
-    Each distinct task of the batch gets its prompt from PEFT's encoder (the shared prompt times the task's
-    low-rank factor); the prompts go through the model together (one batch-T pass) and each row attends to
-    its task's through ``prompt_ids``: the shared-prompt reformulation, per task.
+    Each distinct task's prompt comes from PEFT's encoder (the shared prompt times the task's low-rank factor),
+    computed once per task, not once per row.
     """
     config = _compat.adapter_config(peft_model)
     distinct, row_task = torch.unique(task_ids, return_inverse=True)
     encoder = _compat.prompt_encoder(peft_model)
     tokens = _compat.prompt_tokens(peft_model)[: config.num_virtual_tokens].to(distinct.device)
     prompts = encoder(tokens[None].expand(len(distinct), -1), distinct)  # [T, k, hidden]
-    prompts = prompts.to(model.get_input_embeddings().weight.dtype)
+    return prompts.to(model.get_input_embeddings().weight.dtype), row_task
+
+
+def multitask_prompts(peft_model, model, task_ids: torch.Tensor, want_logits: bool):
+    """MULTITASK_PROMPT_TUNING on a causal decoder: (context, first-token logits [B, vocab] or None).
+
+    The distinct tasks' prompts (``task_prompts``) go through the model together (one batch-T pass) and each
+    row attends to its task's through ``prompt_ids``: the shared-prompt reformulation, per task.
+    """
+    prompts, row_task = task_prompts(peft_model, model, task_ids)
     prompt_pass = run_prompts_together(model, list(prompts), want_logits)
     context = SoftPromptContext(layer_prefixes=prompt_pass.layers, prompt_ids=row_task)
     return context, (prompt_pass.last_logits[row_task] if want_logits else None)
