@@ -90,7 +90,11 @@ inline PreparedInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, c
                     k.sizes(), " and v ", v.sizes());
   TORCH_CHECK_VALUE(in.Hkv >= 1 && in.Hq % in.Hkv == 0, "q heads (", in.Hq,
                     ") must be a multiple of k heads (", in.Hkv, ")");
-  TORCH_CHECK_VALUE(in.Lq <= in.Lk, "q length (", in.Lq, ") must not exceed k length (", in.Lk, ")");
+  // Lq > Lk only for prefix-only attention (no sequence keys: Lk = 0, non-causal, no window), where the
+  // bottom-right alignment of queries to keys has nothing to align to (docs/DESIGN.md section 2).
+  TORCH_CHECK_VALUE(in.Lq <= in.Lk || (in.Lk == 0 && !causal && !window.has_value()), "q length (", in.Lq,
+                    ") must not exceed k length (", in.Lk, ") unless k is empty (Lk = 0) with causal=False and "
+                    "no window (prefix-only attention)");
   TORCH_CHECK_VALUE(prefix_k.size(1) == in.Hkv && prefix_k.size(3) == in.D,
                     "prefix_k must have shape [P, Hkv=", in.Hkv, ", K, D=", in.D, "], got ",
                     prefix_k.sizes());

@@ -159,8 +159,13 @@ def validate_prefix_attention_args(
         _fail(_k_v_mismatch(k, v, prefix_k))
     if Hkv < 1 or Hq % Hkv != 0:
         _fail(f"q's head count Hq={Hq} must be a multiple of k's head count Hkv={Hkv}")
-    if Lq > Lk:
-        _fail(f"q's length Lq={Lq} must not exceed k's length Lk={Lk} (queries are the last Lq keys)")
+    if Lq > Lk and not (Lk == 0 and not causal and window is None):
+        # Bottom-right alignment puts query i at key index i + Lk - Lq: with Lq > Lk that index is negative and
+        # causality or a window would be ill-defined. Prefix-only attention (no sequence keys at all, a query sees
+        # its prompt's prefix only: ADAPTION_PROMPT's separate softmax) has neither and is allowed.
+        _fail(f"q's length Lq={Lq} must not exceed k's length Lk={Lk} (queries are the last Lq keys); "
+              "Lq > Lk is allowed only for prefix-only attention: Lk=0, causal=False and window=None, "
+              f"got causal={causal!r}, window={window!r}")
     if prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
         _fail(f"prefix_k must have shape [P, Hkv={Hkv}, K, D={D}], got {tuple(prefix_k.shape)}")
     if prefix_v.shape != prefix_k.shape:

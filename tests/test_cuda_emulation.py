@@ -71,6 +71,9 @@ DECODE_CASES = [
     ("full-Lq16-random-padding", (2, 2, 1, 16, 40, 1, 66, 64), False, 2,
      dict(padding=torch.rand(2, 40, generator=torch.Generator().manual_seed(3)) > 0.4)),
     ("prefix-only-split-boundary", (1, 4, 1, 1, 1, 1, 128, 128), True, 3, {}),
+    # no sequence keys at all (Lk = 0, non-causal: ADAPTION_PROMPT's separate softmax), over two splits
+    ("no-sequence-keys-Lk0", (3, 4, 2, 5, 0, 3, 70, 64), False, 2,
+     dict(prompt_ids=[1, -1, 2], prefix_lens=[9, 70, 0])),
 ]
 
 
@@ -162,6 +165,7 @@ PREFILL_CASES = [
     ("full-random-padding-hf-layout", (2, 2, 2, 40, 40, 1, 0, 64), False,
      dict(hf_layout=True, padding=torch.rand(2, 40, generator=torch.Generator().manual_seed(5)) > 0.3)),
     ("D256-prefix-over-two-tiles", (1, 2, 1, 20, 20, 2, 40, 256), True, dict(prompt_ids=[1])),
+    ("no-sequence-keys-Lk0", (2, 4, 2, 40, 0, 2, 30, 64), False, dict(prompt_ids=[1, -1], prefix_lens=[30, 7])),
 ]
 
 

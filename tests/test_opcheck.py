@@ -130,6 +130,27 @@ def test_triton_prefix_attention_bwd(wanted):
     _opcheck("triton_prefix_attention_bwd", (*args, True, *wanted))
 
 
+# --- prefix-only attention (Lk = 0, non-causal: docs/DESIGN.md section 2) on both op pairs
+
+PREFIX_ONLY = Case(3, 4, 2, 5, 0, 2, 4, 8, causal=False, prompt_ids=[1, -1, 0], prefix_lens=[4, 3])
+
+
+@pytest.mark.parametrize("wanted", WANTED, ids=str)
+def test_cpu_prefix_only_attention(wanted):
+    args = _args(PREFIX_ONLY, torch.float32)
+    _opcheck("prefix_attention_fwd", args)
+    _opcheck("prefix_attention_bwd", (*_backward_args(OPS.prefix_attention_fwd, args), *wanted))
+
+
+@triton_only
+@pytest.mark.parametrize("wanted", WANTED, ids=str)
+def test_triton_prefix_only_attention(wanted):
+    dtype = torch.bfloat16 if _triton_device() == "cuda" else torch.float32
+    args = _args(PREFIX_ONLY, dtype, _triton_device())
+    _opcheck("triton_prefix_attention_fwd", args)
+    _opcheck("triton_prefix_attention_bwd", (*_backward_args(OPS.triton_prefix_attention_fwd, args), True, *wanted))
+
+
 # --- CUDA kernels (GPU only; the device script runs these)
 
 @gpu

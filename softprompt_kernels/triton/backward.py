@@ -20,7 +20,7 @@ import torch
 from .common import (LOG2E, NO_FEATURES, NO_WINDOW, PLAIN, TUNING_KEY, autotune_configs, head_block, interpreting, launcher,
                      length_bucket, prune_by_head_block, remember_arch, tl, triton)
 from .forward import (dot_precision, load_rows, padding_view, prefix_index_base, prompt_of_row, scores_log2,
-                      softcap_args, usable_prefix, window_visible)
+                      softcap_args, usable_keys, usable_prefix, window_visible)
 
 # Spill-free tuning spaces (see forward.FWD_SPACE); BWD_SPACE serves the kv and prefix kernels.
 BWD_SPACE = {
@@ -470,11 +470,14 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
         dprefix_v = torch.zeros_like(prefix_v, memory_format=torch.contiguous_format)
     else:
         dprefix_k, dprefix_v = q.new_empty(0), q.new_empty(0)
-    if B * Hkv * Lk == 0 or D == 0:
+    # Lk = 0 (prefix-only attention) is not an early return: dq and the prefix gradients still come from
+    # the prefix; only the dk/dv kernel has no keys to run over.
+    if B * Hkv == 0 or D == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dprefix_k, dprefix_v
     if Lq == 0:
         return dq, dk.zero_(), dv.zero_(), dprefix_k, dprefix_v
     remember_arch(q.device)
+    k, v, key_padding_mask = usable_keys(q, k, v, key_padding_mask)  # Lk was read above: 0 stays 0
     block_d = head_block(D)
     common = dict(BLOCK_D=block_d, EVEN_D=block_d == D, DOT_PRECISION=dot_precision(q.dtype))
 
@@ -512,7 +515,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
     def kv_grid(meta):
         return (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
 
-    if seq_grads:
+    if seq_grads and Lk > 0:  # an empty grid: dk, dv are [B, Hkv, 0, D]
         launcher(prefix_attention_bwd_kv_kernel)[kv_grid](
             q, k, v, pad, grad_out, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

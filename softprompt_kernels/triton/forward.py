@@ -293,6 +293,18 @@ def usable_prefix(q, prefix_k, prefix_v, prompt_ids, prefix_lens):
     return q, q, None, None, 0
 
 
+def usable_keys(q, k, v, key_padding_mask):
+    """(k, v, key_padding_mask) for the kernels.
+
+    Prefix-only attention (Lk = 0: no sequence keys, docs/DESIGN.md section 2) gets q standing in for
+    the key pointers and no padding mask (a [B, 0] mask says nothing), so that no empty tensor reaches a
+    kernel; with Lk = 0 the key loops never run and never read them.
+    """
+    if k.shape[2] > 0:
+        return k, v, key_padding_mask
+    return q, q, None
+
+
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
                          causal: bool, scale: float, window: Optional[int] = None, softcap: Optional[float] = None,
                          sinks: Optional[torch.Tensor] = None, prefix_offsets: Optional[torch.Tensor] = None):
@@ -305,6 +317,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, k
         lse.fill_(float("-inf"))
         return out, lse
     remember_arch(q.device)
+    k, v, key_padding_mask = usable_keys(q, k, v, key_padding_mask)  # Lk is read before: 0 stays 0
     pad, stride_pb, stride_pn = padding_view(key_padding_mask, q)
     prefix_k, prefix_v, prompt_ids, prefix_lens, n_slots = usable_prefix(q, prefix_k, prefix_v, prompt_ids,
                                                                           prefix_lens)
