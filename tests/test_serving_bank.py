@@ -168,3 +168,43 @@ def test_mixed_batch_modern_families(model_type):
     if model_type != "gpt_oss":  # its expert matmuls take no float64
         base = base.double()
     assert_mixed_batch_equals_each_alone(base, steps=5)
+
+
+def test_multitask_adapter_is_served_per_task(tmp_path):
+    """A MULTITASK_PROMPT_TUNING directory becomes one served adapter per task, `name:task`, each giving PEFT's
+    tokens for that task (from the saved shared prompt and task factors, not from a live model)."""
+    from peft import MultitaskPromptTuningConfig
+
+    base = tiny_model("llama", dtype=torch.float64)
+    model = get_peft_model(copy.deepcopy(base), MultitaskPromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, num_tasks=3, num_ranks=2))
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.normal_(0, 0.7, generator=torch.Generator().manual_seed(p.numel()))
+    model.eval().save_pretrained(str(tmp_path / "mt"))
+    bank = sk.PromptBank(copy.deepcopy(base))
+    assert bank.add("mt", str(tmp_path / "mt")) == ["mt:0", "mt:1", "mt:2"]
+    assert bank.add("live", model) == ["live:0", "live:1", "live:2"]
+    ids, mask = padded_batch(B=4, n=6, seed=3, left=True)
+    rows, steps = ["mt:2", "mt:0", None, "live:1"], 4
+    new = bank.generate(ids, mask, adapters=rows, max_new_tokens=steps)
+    for row, name in enumerate(rows):
+        alone = ids[row][mask[row].bool()][None]
+        if name is None:
+            forward = lambda i, m: base(input_ids=i, attention_mask=m).logits  # noqa: E731
+        else:
+            task = torch.tensor([int(name.split(":")[1])])
+            forward = lambda i, m: model(input_ids=i, attention_mask=m, task_ids=task).logits  # noqa: E731
+        assert new[row] == greedy_loop(forward, alone, torch.ones_like(alone), steps)[0].tolist(), name
+    with pytest.raises(KeyError, match="unknown adapters"):
+        bank.generate(ids[:1], mask[:1], adapters=["mt"], max_new_tokens=1)
+
+
+def test_unservable_methods_are_refused_by_name():
+    from peft import AdaptionPromptConfig
+
+    base = tiny_model("llama", dtype=torch.float64)
+    model = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3,
+                                                                     adapter_layers=1))
+    with pytest.raises(sk.AdapterError, match="ADAPTION_PROMPT cannot be served: adaption prompts add a gated"):
+        sk.PromptBank(copy.deepcopy(base)).add("ap", model)

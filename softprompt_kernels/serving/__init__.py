@@ -1,5 +1,6 @@
 """Serving many soft prompts on one frozen model: the adapter bank, batched generation, an HTTP server."""
-from .bank import AdapterError, PromptBank
+from .adapters import AdapterError
+from .bank import PromptBank
 from .generate import generate
 
 PromptBank.generate = generate  # bank.generate(input_ids, attention_mask, adapters=[...], ...)
