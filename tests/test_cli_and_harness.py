@@ -144,3 +144,46 @@ def test_insertion_bench_cases_build_and_run_on_cpu():
         results = {name: fn() for name, fn in setup.providers.items()}
         if case.mode == "fwd":
             torch.testing.assert_close(results["cpu"], results["torch"])
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "multitask", "cpt", "cartridge", "adaption"])
+def test_peft_training_cases_build_and_run_one_step(method):
+    pytest.importorskip("peft")
+    from softprompt_kernels.bench import peft_training
+    from softprompt_kernels.hf.accelerate import SUPPORTED_METHODS
+
+    tiny = peft_training.SUITES["peft-cpu-quick"].cases[0]
+    case = peft_training.replace(tiny, method=method, k=30 if method == "cpt" else tiny.k)  # CPT: a whole example
+    setup = peft_training.build(case, torch.device("cpu"))
+    if peft_training.METHODS[method] not in SUPPORTED_METHODS:
+        assert setup.providers == {} and "not accelerated yet" in next(iter(setup.skipped.values()))
+        return
+    assert set(setup.providers) == {"bare", "peft", "accelerated"}
+    grads = {name: fn() for name, fn in setup.providers.items()}
+    assert all(g and all(torch.isfinite(x).all() for x in g) for g in grads.values())
+    for got, want in zip(grads["accelerated"], grads["peft"], strict=True):  # the same step as PEFT's
+        assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_peft_cpu_suite_has_every_method_at_the_acceptance_size():
+    from softprompt_kernels.bench import peft_training
+
+    llama = [c for c in peft_training.SUITES["peft-cpu"].cases if c.family == "llama"]
+    assert {c.method for c in llama} == set(peft_training.METHODS)
+    assert {(c.B, c.n, c.k, c.hidden, c.layers) for c in llama} == {(16, 128, 100, 256, 4)}
+
+
+def test_peft_training_goals_per_method():
+    from softprompt_kernels.bench import peft_training
+
+    def records(method, peft_ms):
+        config = {"name": method, "method": method}
+        return [harness.Record("b", p, "cpu", "c", config, ms, 1.0, 1.0, None)
+                for p, ms in (("bare", 90.0), ("peft", peft_ms), ("accelerated", 100.0))]
+
+    lines = peft_training.goals([r for m, ms in (("multitask", 170.0), ("cpt", 150.0), ("cartridge", 115.0),
+                                                 ("adaption", 120.0)) for r in records(m, ms)])
+    assert lines == ["multitask: 1.70x faster than PEFT (goal >= 1.6x: met)",
+                     "cpt: 1.50x faster than PEFT (goal >= 1.6x: NOT met)",
+                     "cartridge: 1.15x faster than PEFT (goal >= 1.1x: met)",
+                     "adaption: 1.20x faster than PEFT, 1.11x the bare model's time (no goal)"]
