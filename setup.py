@@ -4,6 +4,8 @@ Build without isolation so the extension compiles against the torch already inst
     pip install --no-build-isolation -e .
 TORCH_CUDA_ARCH_LIST is honoured by torch's cpp_extension (e.g. "9.0" on an H100/H200).
 Set SOFTPROMPT_FORCE_CPU=1 to skip the CUDA sources even where torch has CUDA.
+Set SOFTPROMPT_SKIP_EXTENSION=1 to install the Python package only, for a second environment of the same
+checkout and the same torch build that reuses the extension built in place (the Makefile's vLLM venv).
 """
 import glob
 import os
@@ -60,6 +62,6 @@ def _extension():
 
 
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("SOFTPROMPT_SKIP_EXTENSION", "0") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
