@@ -34,7 +34,8 @@ def prefix_attention(
 
     Args:
         q: ``[B, Hq, Lq, D]`` queries; any strides (Hugging Face's transposed views are taken as they are).
-        k, v: ``[B, Hkv, Lk, D]`` sequence keys and values, ``Lq <= Lk`` and ``Hq % Hkv == 0``
+        k, v: ``[B, Hkv, Lk, D]`` sequence keys and values, ``Lq <= Lk`` (or ``Lk = 0`` with ``causal=False``
+            and no window: prefix-only attention, a separate softmax over the prompt) and ``Hq % Hkv == 0``
             (q head ``h`` uses kv head ``h // (Hq // Hkv)``).
         prefix_k, prefix_v: ``[P, Hkv, K, D]`` a bank of ``P`` prefixes of ``K`` slots (``K`` may be 0).
         prompt_ids: int ``[B]`` in ``[-1, P)``: the prefix of each row, -1 for none. ``None`` needs ``P == 1``.

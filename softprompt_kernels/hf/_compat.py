@@ -257,3 +257,70 @@ def save_prompt_adapter(peft_model, directory: str, is_main_process: bool) -> No
     state dict reshards the module (its pre-save hook) before the encoder runs. An explicit empty
     ``state_dict`` skips it; PEFT ignores its contents for prompt learning."""
     peft_model.save_pretrained(directory, is_main_process=is_main_process, state_dict={})
+
+
+# --- PEFT: ADAPTION_PROMPT (LLaMA-Adapter) modules
+
+
+def is_adaption_prompt(peft_config) -> bool:
+    return peft_type_name(peft_config) == "ADAPTION_PROMPT"
+
+
+def adaption_prompt_model_types() -> tuple:
+    """The transformers model types PEFT's adaption prompt has a query recomputation for (llama, mistral, gpt2)."""
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+    return tuple(TRANSFORMERS_MODEL_CONFIG)
+
+
+def adapted_attentions(peft_model) -> list:
+    """Every adapter's AdaptedAttention modules: the active adapter's sit in the model, the others in PEFT's
+    ``_cached_adapters`` (swapped in by ``set_adapter``), or all of them there while the adapter is disabled."""
+    from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
+
+    tuner = peft_model.base_model
+    found = [m for m in tuner.model.modules() if isinstance(m, _BaseAdaptedAttention)]
+    for cached in getattr(tuner, "_cached_adapters", {}).values():
+        found.extend(m for m in cached if m not in found)
+    return found
+
+
+def adaption_is_gpt2(module) -> bool:
+    """PEFT's GPT-2 variant: its fused c_attn gives q, k and v, and the adapter output is added unprojected."""
+    from peft.tuners.adaption_prompt.layer import AdaptedAttentionGPT
+
+    return isinstance(module, AdaptedAttentionGPT)
+
+
+def adaption_key_values(module):
+    """(keys, values) of the module's adaption prompt, each [1, adapter_len, Hkv * head_dim]: the wrapped
+    attention's own k/v projections (no rotary: the adapter tokens have no position)."""
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+    layers = TRANSFORMERS_MODEL_CONFIG[module.model_type]
+    prompt = module.adaption_prompt
+    if layers.v_proj_layer in (None, layers.k_proj_layer):  # one fused projection (GPT-2's c_attn): [q | k | v]
+        _, keys, values = getattr(module.model, layers.k_proj_layer)(prompt).split(module.model.embed_dim, dim=2)
+        return keys, values
+    return getattr(module.model, layers.k_proj_layer)(prompt), getattr(module.model, layers.v_proj_layer)(prompt)
+
+
+def adaption_output_projection(module):
+    """The wrapped attention's output projection the adapter term goes through (None for GPT-2: PEFT adds it
+    after c_proj, unprojected)."""
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+    name = TRANSFORMERS_MODEL_CONFIG[module.model_type].o_proj_layer
+    return None if name is None else getattr(module.model, name)
+
+
+def adaption_query_states(module, hidden_states, kwargs):
+    """The wrapped attention's queries [B, Hq, Lq, D] (after rotary), recomputed as PEFT does: transformers'
+    attention modules do not return them."""
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+    compute = TRANSFORMERS_MODEL_CONFIG[module.model_type].compute_query_states
+    if adaption_is_gpt2(module):
+        return compute(module.model, hidden_states=hidden_states,
+                       encoder_hidden_states=kwargs.get("encoder_hidden_states"))
+    return compute(model=module.model, hidden_states=hidden_states, **kwargs)

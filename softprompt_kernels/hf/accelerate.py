@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..insertion import insert_prompts
-from . import _compat
+from . import _compat, adaption_prompt
 from .attention import SoftPromptContext, use_softprompt_attention
 from .families import family_of
 from .multi_prompt import build_bank
@@ -28,7 +28,8 @@ from .prompts import (check_task_ids, context_for, multitask_prompts, prefix_tun
                       run_prompt_once, task_prompts)
 from .sharding import is_sharded
 
-SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE", "CPT")
+SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE", "CPT",
+                     "ADAPTION_PROMPT")
 MULTITASK = "MULTITASK_PROMPT_TUNING"
 DECODER_TASKS = ("CAUSAL_LM",)
 ENCODER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
@@ -44,6 +45,13 @@ def accelerate(peft_model):
     if getattr(peft_model, _STATE, None) is not None:
         return peft_model
     config = _compat.active_config(peft_model)
+    if config is not None and _compat.is_adaption_prompt(config):  # not prompt learning: its own module
+        reason = adaption_prompt.unsupported_reason(peft_model)
+        if reason is not None:
+            raise AccelerationError(reason)
+        adaption_prompt.accelerate(peft_model)
+        setattr(peft_model, _STATE, {"adaption_prompt": True})
+        return peft_model
     if config is None or not getattr(config, "is_prompt_learning", False):
         raise AccelerationError("accelerate() takes a PEFT model whose active adapter is PROMPT_TUNING, P_TUNING or "
                                 f"PREFIX_TUNING; got {type(peft_model).__name__}")
@@ -79,6 +87,10 @@ def restore(peft_model):
     """Undoes ``accelerate``; returns the model."""
     state = getattr(peft_model, _STATE, None)
     if state is None:
+        return peft_model
+    if state.get("adaption_prompt"):
+        adaption_prompt.restore(peft_model)
+        delattr(peft_model, _STATE)
         return peft_model
     for name in ("forward", "generate"):
         peft_model.__dict__.pop(name, None)
