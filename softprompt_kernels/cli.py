@@ -104,6 +104,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_of(argv: Sequence[str]) -> Optional[str]:
+    """The value of ``serve --engine`` (``builtin`` or ``vllm``), read before parsing."""
+    if not argv or argv[0] != "serve":
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--engine" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--engine="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _is_engine_arg(args: Sequence[str], i: int) -> bool:
+    return args[i] == "--engine" or args[i].startswith("--engine=") or (i > 0 and args[i - 1] == "--engine")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -117,6 +133,9 @@ def _add_serve(subparsers) -> None:
         formatter_class=HELP_FORMAT, description="Loads a causal LM and PEFT prompt adapters into a PromptBank and "
                     "answers POST /v1/completions and /v1/chat/completions (streaming with stream: true), with "
                     "continuous batching across adapters; GET /v1/models, /health, /metrics.")
+    serve.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
+                       help="builtin: this package's server over PromptBank; vllm: vLLM's OpenAI server with the "
+                            "adapters as a plugin (every argument but --model and --adapter goes to vLLM)")
     serve.add_argument("--model", required=True, help="a Hugging Face model directory")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                        help="a PEFT prompt adapter directory (repeatable); requests name it in 'model' "
@@ -189,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    engine = _engine_of(argv)
+    if engine == "vllm":  # vLLM's own server: its arguments pass through unchanged
+        from .vllm import launch
+
+        return launch.main([a for i, a in enumerate(argv[1:]) if not _is_engine_arg(argv[1:], i)])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

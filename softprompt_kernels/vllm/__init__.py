@@ -15,7 +15,7 @@ The server: ``softprompt-kernels serve --engine vllm --model DIR --adapter NAME=
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ..serving.adapters import AdapterError, ModelShape, check_fits, read_peft_directory
 from .table import TABLE, Entry, check_name

@@ -18,10 +18,12 @@ API server side:
 - ``InputProcessor.process_inputs``: adapter requests are checked (registered, text not empty, length with
   the k virtual tokens, no prompt logprobs) and refused with a VLLMValidationError (HTTP 400) naming the field;
 - ``BaseServing._is_model_supported`` and the completion/chat requests' ``to_sampling_params``:
-  ``"model": NAME`` selects an adapter; ``OpenAIServingModels.show_available_models`` lists them.
+  ``"model": NAME`` selects an adapter; ``OpenAIServingModels.model_name`` puts NAME in the response and
+  ``show_available_models`` lists the adapters.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 from typing import Dict, List, Optional
@@ -44,6 +46,9 @@ class _Step:
 
 
 STEP = _Step()
+# The adapter a request handler is serving (set when its sampling parameters are made; each HTTP request is
+# its own asyncio task), so that responses name the adapter as their "model".
+REQUEST_ADAPTER: contextvars.ContextVar = contextvars.ContextVar("softprompt_adapter", default=None)
 STORE: Optional[AdapterStore] = None  # this worker's adapters (created by the first softprompt_add)
 
 
@@ -248,11 +253,21 @@ def _install_frontend_hooks() -> None:
 
         def to_sampling_params(self, *args, __original=original, **kwargs):
             params = __original(self, *args, **kwargs)
-            if TABLE.get(self.model) is not None:
-                params.extra_args = {**(params.extra_args or {}), **TABLE.extra_args(self.model)}
+            adapter = self.model if TABLE.get(self.model) is not None else None
+            REQUEST_ADAPTER.set(adapter)
+            if adapter is not None:
+                params.extra_args = {**(params.extra_args or {}), **TABLE.extra_args(adapter)}
             return params
 
         request_class.to_sampling_params = functools.wraps(original)(to_sampling_params)
+
+    original_model_name = OpenAIServingModels.model_name
+
+    def model_name(self, lora_request=None):
+        adapter = REQUEST_ADAPTER.get() if lora_request is None else None
+        return adapter if adapter is not None else original_model_name(self, lora_request)
+
+    OpenAIServingModels.model_name = model_name
 
     original_models = OpenAIServingModels.show_available_models
 
