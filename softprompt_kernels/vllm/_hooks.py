@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .store import AdapterStore, find_virtual_tokens, shard_kv_heads
-from .table import ADAPTER_KEY, IDS_KEY, TABLE, virtual_ids
+from .table import ADAPTER_KEY, IDS_KEY, RESERVED_NAMES, TABLE, virtual_ids
 
 logger = logging.getLogger("softprompt_kernels.vllm")
 
@@ -243,8 +243,9 @@ def _install_frontend_hooks() -> None:
 
     original_supported = BaseServing._is_model_supported
 
-    def _is_model_supported(self, model_name):
-        return TABLE.get(model_name) is not None or original_supported(self, model_name)
+    def _is_model_supported(self, model_name):  # an adapter's name, "base" (no adapter) or vLLM's own names
+        return TABLE.get(model_name) is not None or model_name in RESERVED_NAMES \
+            or original_supported(self, model_name)
 
     BaseServing._is_model_supported = _is_model_supported
 

@@ -7,14 +7,21 @@
 Adapters named in ``SOFTPROMPT_VLLM_ADAPTERS`` (set by ``softprompt-kernels serve --engine vllm``) are registered
 in ``init_state``; a bad one stops the server with its name and the reason.
 """
-from __future__ import annotations
-
 import asyncio
 import json
 import os
 
+from fastapi import APIRouter, Request  # vLLM's API server is FastAPI; this module loads only there
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
 from . import ADAPTERS_ENV, PLUGIN_NAME, AdapterError, plan_adapters, publish, register
 from .table import TABLE
+
+
+class AddAdapter(BaseModel):
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
 
 
 class SoftPromptEndpoints:
@@ -26,15 +33,7 @@ class SoftPromptEndpoints:
         self._lock = asyncio.Lock()
 
     def attach_router(self, app) -> None:
-        from fastapi import APIRouter, Request
-        from fastapi.responses import JSONResponse
-        from pydantic import BaseModel, Field
-
         router = APIRouter()
-
-        class AddAdapter(BaseModel):
-            name: str = Field(min_length=1)
-            path: str = Field(min_length=1)
 
         def error(status: int, message: str, param: str) -> JSONResponse:
             return JSONResponse(status_code=status, content={"error": {
