@@ -1,6 +1,6 @@
 """CARTRIDGE (PEFT's learned per-layer KV prefix with frozen first slots) on the op's prefix directly: parity with
-PEFT (loss, text logits, gradients only to the unfrozen slots), greedy generation, initialisation from text under
-accelerate(), save/load, serving from PromptBank."""
+PEFT (loss, text logits, gradients only to the unfrozen slots), greedy generation, save/load, serving from
+PromptBank. Initialisation from text under accelerate(): tests/test_hf_inits.py."""
 import copy
 
 import pytest
@@ -59,24 +59,3 @@ def test_generate_and_save_load_and_serving(tmp_path):
     for row in range(3):
         alone = ids[row][mask[row].bool()][None]
         assert bank.generate(alone, adapters=["cartridge"], max_new_tokens=5)[0] == expected[row].tolist()
-
-
-def test_initialisation_from_text_works_on_the_accelerated_model():
-    from peft.tuners.cartridge.utils import initialize_kv_prefix_from_text
-
-    from softprompt_kernels.bench.toy_task import word_tokenizer
-
-    tokenizer = word_tokenizer()
-    text = "the cat sat on the mat the dog ran"
-    reference = cartridge_model("llama")
-    expected = initialize_kv_prefix_from_text(reference, tokenizer, text=text, use_chat_template=False)
-    model = sk.accelerate(cartridge_model("llama"))
-    got = initialize_kv_prefix_from_text(model, tokenizer, text=text, use_chat_template=False)
-    assert relative(got, expected) <= 1e-5
-    torch.testing.assert_close(model.prompt_encoder["default"].weight, reference.prompt_encoder["default"].weight,
-                               rtol=1e-5, atol=1e-6)
-    ids, mask = padded_batch(B=2)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        peft_logits = reference(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:]
-    assert relative(logits[mask.bool()], peft_logits[mask.bool()]) <= 1e-4
