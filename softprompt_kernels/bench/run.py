@@ -17,7 +17,8 @@ import torch
 from . import harness
 
 # Every benchmark module of the package (the protocol is in bench/__init__.py).
-MODULE_NAMES = ("prefix_attention", "peft_training", "insertion", "decode", "serving", "training_runs", "sharded_training", "serving_load")
+MODULE_NAMES = ("prefix_attention", "peft_training", "insertion", "decode", "serving", "training_runs", "sharded_training", "serving_load",
+                "vllm_serving")
 DEFAULT_OUT = "bench-out"
 
 

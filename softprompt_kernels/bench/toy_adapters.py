@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 # name -> (PEFT config class name, options); k differs per adapter so that lengths mix in one batch
 KINDS: Dict[str, Tuple[str, dict]] = {
@@ -22,11 +22,13 @@ KINDS: Dict[str, Tuple[str, dict]] = {
 }
 
 
-def make_adapter(base, kind: str, seed: int):
+def make_adapter(base, kind: str, seed: int, num_virtual_tokens: Optional[int] = None):
     import peft
     import torch
 
     config_class, options = KINDS[kind]
+    if num_virtual_tokens is not None:
+        options = {**options, "num_virtual_tokens": num_virtual_tokens}
     model = peft.get_peft_model(copy.deepcopy(base), getattr(peft, config_class)(task_type="CAUSAL_LM", **options))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
