@@ -230,8 +230,7 @@ class _Fleet:
     def server(self, provider: str) -> ServerProcess:
         if provider in self.servers:
             return self.servers[provider]
-        for other in list(self.servers):  # one at a time: they would share the machine's cores
-            self.servers.pop(other).stop()
+        # the servers stay up for every case (an idle server waits on its socket; starting one takes a minute)
         port = free_port()
         log = os.path.join(self.root, f"{provider.replace('+', '_')}.log")
         dtype = ["--dtype", "float32"]
