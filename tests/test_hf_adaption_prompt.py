@@ -11,6 +11,7 @@ pytest.importorskip("peft")
 from peft import AdaptionPromptConfig, PeftModel, get_peft_model  # noqa: E402
 
 import softprompt_kernels as sk  # noqa: E402
+from softprompt_kernels.profiling import kernel_calls  # noqa: E402
 from hf_models import padded_batch, tiny_model  # noqa: E402
 from test_hf_peft_parity import greedy_loop, relative  # noqa: E402
 
@@ -132,10 +133,8 @@ def test_save_load_round_trip(tmp_path):
 
 
 def _kernel_calls(fn):
-    """Calls of each project op (forward and backward) while ``fn`` runs, by op name."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.key.split("::")[1]: e.count for e in prof.key_averages() if e.key.startswith("softprompt_kernels::")}
+    """Calls of each project op (forward and backward) while ``fn`` runs, by short op name."""
+    return {name.split("::")[1]: count for name, count in kernel_calls(fn)[1].items()}
 
 
 def test_the_op_runs_once_per_adapted_layer_and_restore_undoes_it():
