@@ -11,7 +11,8 @@ ignoring EOS on vLLM), ``concurrency`` streams at a time:
 - ``builtin``: this package's own server (PromptBank, continuous batching) with the same adapters.
 
 Per provider: tokens/s (generated tokens over the makespan), time to first token and inter-token latency
-p50/p99 from the client's stream. ms is the makespan. Both vLLM servers run vLLM's defaults (compiled model,
+p50/p99 from the client's stream; the providers take turns for ``rounds`` rounds and each reports its median
+round (every round's tokens/s is kept in the record). ms is the makespan. Both vLLM servers run vLLM's defaults (compiled model,
 prefix caching on).
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Case:
     hidden: int = 256
     layers: int = 4
     compiled: bool = True  # vLLM's default; the quick suite runs eager (a server starts in seconds, not a minute)
+    rounds: int = 3        # the providers take turns, round after round; each reports its median round
     seed: int = 0
 
     @property
@@ -59,7 +61,7 @@ SUITES = {
     "vllm-serve-cpu": Suite("vllm-serve-cpu", "cpu", [Case(1), Case(8), Case(64)], Timing()),
     "vllm-serve-cpu-quick": Suite("vllm-serve-cpu-quick", "cpu",
                                   [Case(2, requests=8, concurrency=4, max_tokens=4, k=4, hidden=128, layers=2,
-                                        compiled=False)],
+                                        compiled=False, rounds=1)],
                                   Timing()),
     "vllm-serve-gpu": Suite("vllm-serve-gpu", "cuda", [Case(1), Case(8), Case(64)], Timing()),
 }
@@ -277,12 +279,19 @@ def measure(case: Case, device, providers: Optional[Sequence[str]], timing: Timi
         fleet = _FLEETS[geometry] = _Fleet(case, device, max_adapters=64 if case.adapters <= 64 else case.adapters)
         atexit.register(fleet.close)
     names = [f"a{i}" for i in range(case.adapters)]
+    chosen = [p for p in PROVIDERS if providers is None or p in providers]
+    servers = {provider: fleet.server(provider) for provider in chosen}
+    rounds: Dict[str, List[Dict[str, float]]] = {provider: [] for provider in chosen}
+    for _ in range(case.rounds):  # interleaved: a load that comes and goes on the machine hits every provider
+        for provider in chosen:
+            payloads = _workload(case, [None] if provider == "vllm" else names, vllm=provider != "builtin")
+            rounds[provider].append(_run_load(servers[provider].port, payloads, case.concurrency))
     results = {}
-    for provider in [p for p in PROVIDERS if providers is None or p in providers]:
-        server = fleet.server(provider)
-        payloads = _workload(case, [None] if provider == "vllm" else names, vllm=provider != "builtin")
-        results[provider] = _run_load(server.port, payloads, case.concurrency)
-        print(f"  {provider}: {results[provider]['tokens_per_s']:.0f} tokens/s", flush=True)
+    for provider, runs in rounds.items():
+        median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+        results[provider] = {**median, "round_tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs]}
+        print(f"  {provider}: {median['tokens_per_s']:.0f} tokens/s (rounds: {results[provider]['round_tokens_per_s']})",
+              flush=True)
     return [Record(bench=BENCH, provider=name, device=device_name(device), commit=git_commit(),
                    config={"name": case.name, **asdict(case), **summary}, ms=1e3 * summary["seconds"],
                    tflops=0.0, gbps=0.0, peak_mem_mb=None) for name, summary in results.items()]
