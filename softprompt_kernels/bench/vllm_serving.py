@@ -257,9 +257,12 @@ class _Fleet:
         return self.servers[provider]
 
     def close(self) -> None:
+        import shutil
+
         for server in self.servers.values():
             server.stop()
         self.servers.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 _FLEETS: Dict[tuple, _Fleet] = {}
