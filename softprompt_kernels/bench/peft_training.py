@@ -54,8 +54,9 @@ class Case:
 
     @property
     def name(self) -> str:
-        return (f"{self.family} h{self.hidden} L{self.layers} H{self.heads}/{self.kv_heads} {self.method} B{self.B} "
-                f"n{self.n} k{self.k} {self.dtype}")
+        tasks = f" {self.tasks} tasks" if self.method == "multitask" else ""
+        return (f"{self.family} h{self.hidden} L{self.layers} H{self.heads}/{self.kv_heads} {self.method}{tasks} "
+                f"B{self.B} n{self.n} k{self.k} {self.dtype}")
 
     def config(self) -> Dict[str, Any]:
         return {"name": self.name, **asdict(self)}
@@ -232,6 +233,14 @@ SUITES: Dict[str, Suite] = {
                                           *(replace(_ACCEPTANCE_CPU, method=m)
                                             for m in ("multitask", "cpt", "cartridge", "adaption"))],
                       Timing(reps=20, warmup=2, min_time_s=20.0)),
+    # the methods of issue 13 beside their references, on their own (about 8 minutes): multitask both as in
+    # target-task adaptation (every row one task) and as in multi-task training (4 tasks in the batch)
+    "peft-cpu-methods": Suite("peft-cpu-methods", "cpu",
+                              [_ACCEPTANCE_CPU, replace(_ACCEPTANCE_CPU, method="prefix"),
+                               replace(_ACCEPTANCE_CPU, method="multitask", tasks=1),
+                               *(replace(_ACCEPTANCE_CPU, method=m) for m in ("multitask", "cpt", "cartridge",
+                                                                              "adaption"))],
+                              Timing(reps=20, warmup=2, min_time_s=20.0)),
     "peft-cpu-quick": Suite("peft-cpu-quick", "cpu", [Case("prompt", B=2, n=16, k=8, hidden=64, layers=2, heads=4,
                                                            kv_heads=2, vocab=100, intermediate=96)],
                             Timing(reps=3, warmup=1, min_time_s=0.05)),
