@@ -28,7 +28,7 @@ from ..profiling import peak_memory_mb
 # In a source checkout (and an editable install) the package sits in the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The provider speed-ups are taken against: the first one of these present in a suite's records.
-BASELINES = ("torch", "peft", "bare")
+BASELINES = ("torch", "peft", "bare", "vllm")  # vllm: bare vLLM, the vLLM serving benchmark's floor
 # A second speed-up column, against each of these that is present and is not the baseline: the
 # copy-free lower bound of the op (sdpa_concat) and the bare frozen model (what prompt learning can
 # at best cost).
