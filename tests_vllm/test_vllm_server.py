@@ -164,3 +164,39 @@ def test_a_bad_adapter_stops_the_start_naming_it(model_dir, adapters, tmp_path):
     duplicate = subprocess.run(command[:8] + ["--adapter", "a=x", "--adapter", "a=y"], capture_output=True, text=True,
                                timeout=60)
     assert duplicate.returncode == 2 and "given twice" in duplicate.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen3"])  # mistral passes too (checked by hand; a minute of CI each)
+def test_other_families_equal_peft(family, tmp_path):
+    """The hooks sit on vLLM's attention layer, not on a model class: Qwen3 (QK-norm before rotary) serves the
+    same way (an eager engine)."""
+    import torch
+    import transformers
+
+    from softprompt_kernels.bench.toy_adapters import save_adapters
+    from softprompt_kernels.bench.toy_task import SPECIAL, WORDS, save_model_dir
+
+    config_class = {"qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family]
+    config = config_class(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, vocab_size=len(SPECIAL) + len(WORDS),
+                          max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    model_dir = save_model_dir(transformers.AutoModelForCausalLM.from_config(config), tmp_path / family)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    adapters = save_adapters(base, tmp_path / "adapters", kinds=("prompt5", "prefix4", "multitask4"))
+    port = free_port()
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    try:
+        process = ServerProcess(serve_command(model_dir, {n: p for n, (_, p) in adapters.items()}, port, "-O0",
+                                              "--enforce-eager"), port, str(tmp_path / "server.log"),
+                                env={"VLLM_CPU_KVCACHE_SPACE": "1"}).wait_ready()
+    finally:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        prompt = [5, 9, 13, 17, 21, 25]
+        for name in ("prompt5", "prefix4", "multitask4:1", "base"):
+            out = complete(port, name, prompt, return_tokens_as_token_ids=True, logprobs=0)
+            got = [int(t.split(":")[1]) for t in out["choices"][0]["logprobs"]["tokens"]]
+            assert got == oracle(base, adapters, None if name == "base" else name, prompt, STEPS), name
+    finally:
+        process.stop()
