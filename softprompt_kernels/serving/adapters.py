@@ -113,20 +113,18 @@ def read_peft_directory(directory: str) -> AdapterSource:
 
 def source_of_peft_model(peft_model) -> AdapterSource:
     """The active adapter of a PEFT model, as it would be saved."""
-    from ..hf.prompts import prompt_encoder_output
+    from ..hf.prompts import prompt_encoder_output, task_prompts
 
     config = _compat.active_config(peft_model)
     method = _compat.peft_type_name(config)
     if method in UNSERVABLE:
         raise AdapterError(f"peft_type {method} cannot be served: {UNSERVABLE[method]}")
     with torch.no_grad():
-        if method == "MULTITASK_PROMPT_TUNING":
-            encoder = _compat.prompt_encoder(peft_model, None)
-            tensors = {"prompt_embeddings": _compat.prompt_encoder_weight(encoder).detach(),
-                       "prefix_task_cols": encoder.prefix_task_cols.detach(),
-                       "prefix_task_rows": encoder.prefix_task_rows.detach()}
-        else:
-            tensors = {"prompt_embeddings": prompt_encoder_output(peft_model).detach()}
+        if method == "MULTITASK_PROMPT_TUNING":  # every task's prompt from PEFT's encoder
+            tasks = torch.arange(config.num_tasks, device=next(peft_model.parameters()).device)
+            prompts, _ = task_prompts(peft_model, peft_model.get_base_model(), tasks)
+            return AdapterSource(method, {str(t): prompts[t].detach() for t in range(config.num_tasks)}, config)
+        tensors = {"prompt_embeddings": prompt_encoder_output(peft_model).detach()}
     return _source(method, tensors, config, where="the PEFT model")
 
 

@@ -3,8 +3,8 @@
 Every adapter becomes per-layer K/V once, when it is added (docs/DESIGN.md section 3; serving/adapters.py,
 the registration code the vLLM plugin shares): prompt tuning and P-tuning adapters are run through the model
 (batch 1) and their cached K/V kept; prefix-tuning adapters and Cartridges are their K/V already; a multitask
-adapter is served as ``name:task``, one prompt per task. All resident adapters live in one tensor per layer, ``[capacity, Hkv, K, D]``,
-indexed by slot; a batch names each row's adapter and the attention reads its slot through
+adapter is served as ``name:task``, one prompt per task. All resident adapters live in one tensor per layer,
+``[capacity, Hkv, K, D]``, indexed by slot; a batch names each row's adapter and the attention reads its slot through
 ``prompt_ids`` (``prefix_lens`` per slot, so adapters of different lengths coexist). When more adapters
 are added than fit, the least recently used go to host memory and come back on demand.
 """
