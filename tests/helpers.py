@@ -94,6 +94,18 @@ def oracle_results(case: Case):
     return run_with_grads(oracle_prefix_attention, tensors, kwargs)
 
 
+_ORACLE_CACHE: dict = {}
+
+
+def cached_oracle_results(case: Case):
+    """``oracle_results`` computed once per case for the session (cases are compared on several backends and
+    dtypes; the float64 oracle is the slow part). Keyed by the case's repr: every field counts."""
+    key = repr(case)
+    if key not in _ORACLE_CACHE:
+        _ORACLE_CACHE[key] = oracle_results(case)
+    return _ORACLE_CACHE[key]
+
+
 def backend_results(case: Case, backend: str, dtype=torch.float32, device="cpu"):
     tensors, kwargs = make_inputs(case, dtype=dtype, device=device)
     return run_with_grads(lambda *a, **kw: sk.prefix_attention(*a, **kw, backend=backend), tensors, kwargs)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from helpers import Case, assert_matches_oracle, backend_results, make_inputs, oracle_results
+from helpers import Case, assert_matches_oracle, backend_results, make_inputs, cached_oracle_results
 
 BACKENDS = ["torch", "cpu", "triton"]  # triton: its interpreter on CPU tensors (conftest)
 
@@ -46,17 +46,6 @@ LONG = [replace(Case(2, 2, 1, 150, 150, 2, 130, 8, prompt_ids=[1, 0], prefix_len
                      softcap=2.0, sinks=True)))]
 
 
-@pytest.fixture(scope="module")
-def oracle_cache():
-    return {}
-
-
-def _oracle(cache, case):
-    if case.name not in cache:
-        cache[case.name] = oracle_results(case)
-    return cache[case.name]
-
-
 def _params(cases):
     """Every case on torch and cpu; on Triton's (slow) interpreter the combined-feature cases only,
     unless slow tests run."""
@@ -69,15 +58,15 @@ def _params(cases):
 
 
 @pytest.mark.parametrize("case, backend", _params(CASES))
-def test_features_match_oracle(case, backend, oracle_cache):
-    assert_matches_oracle(backend_results(case, backend, torch.float32), _oracle(oracle_cache, case), rtol=1e-5)
+def test_features_match_oracle(case, backend):
+    assert_matches_oracle(backend_results(case, backend, torch.float32), cached_oracle_results(case), rtol=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", LONG, ids=str)
-def test_features_across_key_blocks_match_oracle(case, backend, oracle_cache):
-    assert_matches_oracle(backend_results(case, backend, torch.float32), _oracle(oracle_cache, case), rtol=1e-5)
+def test_features_across_key_blocks_match_oracle(case, backend):
+    assert_matches_oracle(backend_results(case, backend, torch.float32), cached_oracle_results(case), rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])  # triton takes no float64

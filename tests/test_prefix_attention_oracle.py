@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import Case, assert_flash_rule, assert_matches_oracle, backend_results, oracle_results
+from helpers import Case, assert_flash_rule, assert_matches_oracle, backend_results, cached_oracle_results
 
 CPU_BACKENDS = ["torch", "cpu", "triton"]  # triton runs in the interpreter on CPU tensors (conftest)
 
@@ -41,34 +41,23 @@ SLOW_CASES = {"longer-than-one-key-block", "second-chunk-gathers-prefix-tail-and
 CASE_PARAMS = [pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW_CASES else c for c in FIXED_CASES]
 
 
-@pytest.fixture(scope="module")
-def oracle_cache():
-    return {}
-
-
-def _oracle(cache, case):
-    if case.name not in cache:
-        cache[case.name] = oracle_results(case)
-    return cache[case.name]
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CASE_PARAMS, ids=str)
-def test_float32_matches_oracle(case, backend, oracle_cache):
-    assert_matches_oracle(backend_results(case, backend, torch.float32), _oracle(oracle_cache, case), rtol=1e-5)
+def test_float32_matches_oracle(case, backend):
+    assert_matches_oracle(backend_results(case, backend, torch.float32), cached_oracle_results(case), rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])  # triton takes no float64
 @pytest.mark.parametrize("case", FIXED_CASES[:6], ids=str)
-def test_float64_matches_oracle_tightly(case, backend, oracle_cache):
-    assert_matches_oracle(backend_results(case, backend, torch.float64), _oracle(oracle_cache, case), rtol=1e-12)
+def test_float64_matches_oracle_tightly(case, backend):
+    assert_matches_oracle(backend_results(case, backend, torch.float64), cached_oracle_results(case), rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [FIXED_CASES[1], FIXED_CASES[4], FIXED_CASES[6]], ids=str)
-def test_low_precision_cpu_kernel_within_torch_error(case, dtype, oracle_cache):
+def test_low_precision_cpu_kernel_within_torch_error(case, dtype):
     """FlashAttention's rule: error vs the float64 oracle at most 2x the torch path's error, plus a floor."""
-    reference = _oracle(oracle_cache, case)
+    reference = cached_oracle_results(case)
     ours = backend_results(case, "cpu", dtype)
     baseline = backend_results(case, "torch", dtype)
     for name, a, b, ref in zip(["out", "lse", "dq", "dk", "dv", "dpk", "dpv"], ours, baseline, reference):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from helpers import Case, assert_matches_oracle, backend_results, make_inputs, oracle_results
+from helpers import Case, assert_matches_oracle, backend_results, make_inputs, cached_oracle_results
 from softprompt_kernels import InvalidArgumentError
 
 BACKENDS = ["torch", "cpu", "triton"]  # triton: its interpreter on CPU tensors (conftest)
@@ -30,27 +30,16 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def oracle_cache():
-    return {}
-
-
-def _oracle(cache, case):
-    if case.name not in cache:
-        cache[case.name] = oracle_results(case)
-    return cache[case.name]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_prefix_only_matches_oracle(case, backend, oracle_cache):
-    assert_matches_oracle(backend_results(case, backend, torch.float32), _oracle(oracle_cache, case), rtol=1e-5)
+def test_prefix_only_matches_oracle(case, backend):
+    assert_matches_oracle(backend_results(case, backend, torch.float32), cached_oracle_results(case), rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])  # triton takes no float64
 @pytest.mark.parametrize("case", CASES[:3], ids=str)
-def test_prefix_only_float64_matches_oracle_tightly(case, backend, oracle_cache):
-    assert_matches_oracle(backend_results(case, backend, torch.float64), _oracle(oracle_cache, case), rtol=1e-12)
+def test_prefix_only_float64_matches_oracle_tightly(case, backend):
+    assert_matches_oracle(backend_results(case, backend, torch.float64), cached_oracle_results(case), rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
