@@ -348,6 +348,15 @@ def _by_case(records: Sequence[Record]) -> Dict[str, Dict[str, Record]]:
     return cases
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server or a process group a benchmark starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def baseline_of(records: Sequence[Record]) -> Optional[str]:
     present = {r.provider for r in records}
     return next((name for name in BASELINES if name in present), None)

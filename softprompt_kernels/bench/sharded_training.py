@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .harness import Record, Suite, Timing, device_name, git_commit
+from .harness import Record, Suite, Timing, device_name, free_port, git_commit
 from .peft_training import Case as ModelCase
 from .peft_training import _model, _peft_config
 
@@ -58,11 +57,6 @@ def known_providers() -> List[str]:
     return list(PROVIDERS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def measure(case: Case, device, providers: Optional[Sequence[str]] = None, timing: Optional[Timing] = None
             ) -> List[Record]:
@@ -79,7 +73,7 @@ def measure(case: Case, device, providers: Optional[Sequence[str]] = None, timin
         threads = max(1, (os.cpu_count() or 1) // case.world) if device.type == "cpu" else 1
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(case.world),
-                   "--master_port", str(_free_port()), "-m", __name__, "--worker", json.dumps(spec), result_file]
+                   "--master_port", str(free_port()), "-m", __name__, "--worker", json.dumps(spec), result_file]
         deadline = 120 + 3 * timing.min_time_s * len(wanted)
         process = subprocess.Popen(command, env=env, start_new_session=True)
         try:

@@ -21,7 +21,6 @@ import concurrent.futures
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .harness import Record, Suite, Timing, device_name, git_commit
+from .harness import Record, Suite, Timing, device_name, free_port, git_commit
 
 BENCH = "vllm_serving"
 PROVIDERS = ("vllm", "vllm+softprompt", "builtin")
@@ -73,12 +72,6 @@ def known_providers() -> List[str]:
 
 
 # --- servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(port: int, path: str, payload=None, method: Optional[str] = None, raw: Optional[bytes] = None,
