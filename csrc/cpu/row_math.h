@@ -59,9 +59,56 @@ SOFTPROMPT_INLINE_BODY float exp_approx(float x) {
 SOFTPROMPT_INLINE_BODY float exp_of(float x) { return exp_approx(x); }
 SOFTPROMPT_INLINE_BODY double exp_of(double x) { return std::exp(x); }
 
-// Reductions keep 16 independent lanes so that they vectorise without
-// -ffast-math (a single float accumulator is a serial dependency chain).
+// Score rows are padded to a multiple of kLanes (see the chunk passes below).
 constexpr int64_t kLanes = 16;
+
+// The softmax passes run on vectors of kVec floats, written with GCC's vector extensions rather
+// than left to the auto-vectoriser: it kept the max, the exponential and the sum of these loops
+// scalar (the selects and bit casts defeat it), and the softmax then cost more than both block
+// products together. 8 floats is one ymm register (AVX2 and AVX-512 clones) or two xmm (baseline);
+// wider vectors made GCC spill them to the stack on AVX2.
+#if defined(__GNUC__)
+#define SOFTPROMPT_VECTOR_MATH 1
+constexpr int64_t kVec = 8;
+typedef float VecF __attribute__((vector_size(kVec * sizeof(float))));
+typedef uint32_t VecU __attribute__((vector_size(kVec * sizeof(float))));
+SOFTPROMPT_INLINE_BODY VecF splat(float x) { return VecF{} + x; }
+SOFTPROMPT_INLINE_BODY VecF load_vec(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+SOFTPROMPT_INLINE_BODY void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }
+SOFTPROMPT_INLINE_BODY float reduce_max(VecF v) {
+  float m = v[0];
+  for (int64_t q = 1; q < kVec; ++q) m = v[q] > m ? v[q] : m;
+  return m;
+}
+SOFTPROMPT_INLINE_BODY float reduce_sum(VecF v) {
+  float s = 0.0f;
+  for (int64_t q = 0; q < kVec; ++q) s += v[q];
+  return s;
+}
+// exp_approx on every lane, the same steps as the scalar version.
+SOFTPROMPT_INLINE_BODY VecF exp_approx(VecF x) {
+  const VecF t0 = x * splat(1.44269504088896341f);
+  VecF t = t0 < splat(-125.0f) ? splat(-125.0f) : t0;
+  t = t > splat(127.0f) ? splat(127.0f) : t;
+  const VecF shifted = t + splat(12582912.0f);
+  const VecF n = shifted - splat(12582912.0f);
+  const VecF f = t - n;
+  VecF p = splat(1.326472731307149e-3f);
+  p = p * f + splat(9.671512991189957e-3f);
+  p = p * f + splat(5.550733581185341e-2f);
+  p = p * f + splat(2.4022242426872253e-1f);
+  p = p * f + splat(6.931470036506653e-1f);
+  p = p * f + splat(1.0f);
+  const VecU bits = (VecU)p + ((VecU)shifted << 23);  // exponent += n, as in the scalar version
+  VecF result = (VecF)bits;
+  result = x != x ? x : result;
+  return x < splat(-86.5f) ? splat(0.0f) : result;
+}
+#endif
 
 SOFTPROMPT_MULTIVERSION
 static float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -165,9 +212,70 @@ static SOFTPROMPT_INLINE_BODY void softmax_grad_chunk_body(T* __restrict s, T* _
   }
 }
 
+#if SOFTPROMPT_VECTOR_MATH
+// online_softmax_chunk_body for float on whole vectors (width a multiple of kLanes, as the callers pad it).
+SOFTPROMPT_INLINE_BODY void online_softmax_chunk_vec(float* __restrict s, int64_t rows, int64_t width,
+                                                     float* __restrict m, float* __restrict l,
+                                                     float* __restrict o, int64_t D) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s_row = s + r * width;
+    VecF lanes = splat(kNegInf);
+    for (int64_t j = 0; j < width; j += kVec) {
+      const VecF x = load_vec(s_row + j);
+      lanes = x > lanes ? x : lanes;
+    }
+    float row_m = reduce_max(lanes);
+    row_m = m[r] > row_m ? m[r] : row_m;
+    if (row_m == kNegInf) {  // nothing visible to this row yet
+      std::fill(s_row, s_row + width, 0.0f);
+      continue;
+    }
+    VecF sums = splat(0.0f);
+    const VecF shift = splat(row_m);
+    for (int64_t j = 0; j < width; j += kVec) {
+      const VecF e = exp_approx(load_vec(s_row + j) - shift);
+      store_vec(s_row + j, e);
+      sums += e;
+    }
+    const float alpha = m[r] == kNegInf ? 0.0f : exp_approx(m[r] - row_m);
+    l[r] = l[r] * alpha + reduce_sum(sums);
+    m[r] = row_m;
+    if (alpha != 1.0f) {
+      float* o_row = o + r * D;
+      for (int64_t d = 0; d < D; ++d) o_row[d] *= alpha;
+    }
+  }
+}
+
+// softmax_grad_chunk_body for float on whole vectors.
+SOFTPROMPT_INLINE_BODY void softmax_grad_chunk_vec(float* __restrict s, float* __restrict dp, int64_t rows,
+                                                   int64_t width, const float* __restrict lse,
+                                                   const float* __restrict delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s_row = s + r * width;
+    float* dp_row = dp + r * width;
+    if (lse[r] == -std::numeric_limits<float>::infinity()) {
+      std::fill(s_row, s_row + width, 0.0f);
+      std::fill(dp_row, dp_row + width, 0.0f);
+      continue;
+    }
+    const VecF row_lse = splat(lse[r]), row_delta = splat(delta[r]);
+    for (int64_t c = 0; c < width; c += kVec) {
+      const VecF p = exp_approx(load_vec(s_row + c) - row_lse);
+      store_vec(s_row + c, p);
+      store_vec(dp_row + c, p * (load_vec(dp_row + c) - row_delta));
+    }
+  }
+}
+#endif
+
 SOFTPROMPT_MULTIVERSION
 static void online_softmax_chunk(float* s, int64_t rows, int64_t width, float* m, float* l, float* o,
                                  int64_t D) {
+#if SOFTPROMPT_VECTOR_MATH
+  if (width % kVec == 0) return online_softmax_chunk_vec(s, rows, width, m, l, o, D);
+#endif
   online_softmax_chunk_body(s, rows, width, m, l, o, D);
 }
 static void online_softmax_chunk(double* s, int64_t rows, int64_t width, double* m, double* l, double* o,
@@ -177,6 +285,9 @@ static void online_softmax_chunk(double* s, int64_t rows, int64_t width, double*
 SOFTPROMPT_MULTIVERSION
 static void softmax_grad_chunk(float* s, float* dp, int64_t rows, int64_t width, const float* lse,
                                const float* delta) {
+#if SOFTPROMPT_VECTOR_MATH
+  if (width % kVec == 0) return softmax_grad_chunk_vec(s, dp, rows, width, lse, delta);
+#endif
   softmax_grad_chunk_body(s, dp, rows, width, lse, delta);
 }
 static void softmax_grad_chunk(double* s, double* dp, int64_t rows, int64_t width, const double* lse,
