@@ -8,6 +8,7 @@
 // below -86.5 (values under 3e-38), masked scores (-inf) included, it is exactly 0.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -213,7 +214,7 @@ static SOFTPROMPT_INLINE_BODY void softmax_grad_chunk_body(T* __restrict s, T* _
 }
 
 #if SOFTPROMPT_VECTOR_MATH
-// online_softmax_chunk_body for float on whole vectors (width a multiple of kLanes, as the callers pad it).
+// online_softmax_chunk_body for float on whole vectors (width a multiple of kVec: the callers pad to kLanes).
 SOFTPROMPT_INLINE_BODY void online_softmax_chunk_vec(float* __restrict s, int64_t rows, int64_t width,
                                                      float* __restrict m, float* __restrict l,
                                                      float* __restrict o, int64_t D) {
