@@ -178,30 +178,34 @@ def gpu_inputs(shape, dtype, seed=0, requires_grad=False):
 
 
 def run_torchrun(script: str, args, timeout: int, env=None, nproc: int = 2) -> str:
-    """``python -m torch.distributed.run`` on a free port, in its own process group, killed whole on a
-    timeout so that no rank outlives the test (an orphaned rank can stall the next run's collectives);
-    returns the output, fails the test with its tail otherwise."""
+    """``python -m torch.distributed.run`` on a free port; on a timeout torchrun and every rank are killed, so that
+    no rank outlives the test (an orphaned rank can stall the next run's collectives, and holds the output pipe
+    open); returns the output, fails the test with its tail otherwise.
+
+    torchrun starts each rank in a session of its own, so killing torchrun's process group leaves the ranks
+    running (stuck in a rendezvous whose store died with torchrun): they are found as its descendants first.
+    """
     import os
-    import signal
-    import socket
     import subprocess
     import sys
 
     import pytest
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from softprompt_kernels.bench.harness import free_port, kill_process_tree
+
+    port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(port), script, *map(str, args)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=dict(os.environ if env is None else env, OMP_NUM_THREADS="1"),
-                               start_new_session=True)
+                               env=dict(os.environ if env is None else env, OMP_NUM_THREADS="1"))
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        kill_process_tree(process.pid)
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # something still holds the pipe: fail with what there is
+            output = "(no output: the pipe stayed open after the kill)"
         pytest.fail(f"{os.path.basename(script)} ranks ran past {timeout} s:\n{output[-3000:]}")
     assert process.returncode == 0, output[-4000:]
     return output

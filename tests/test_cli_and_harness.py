@@ -187,3 +187,26 @@ def test_peft_training_goals_per_method():
                      "cpt: 1.50x faster than PEFT (goal >= 1.6x: NOT met)",
                      "cartridge: 1.15x faster than PEFT (goal >= 1.1x: met)",
                      "adaption: 1.20x faster than PEFT, 1.11x the bare model's time (no goal)"]
+
+
+def test_kill_process_tree_reaches_children_in_sessions_of_their_own():
+    """What torchrun does: each rank in a new session, so a process-group kill of torchrun misses it."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    spawn = ("import subprocess, sys, time; "
+             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+             "print(c.pid, flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", spawn], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert child.is_running() and child.ppid() == parent.pid
+    started = time.monotonic()
+    harness.kill_process_tree(parent.pid)
+    assert parent.wait(timeout=10) != 0
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert time.monotonic() - started < 15
+    parent.stdout.close()
+    harness.kill_process_tree(parent.pid)  # gone already: nothing to do, no error

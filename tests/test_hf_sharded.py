@@ -90,7 +90,7 @@ def deepspeed_path():
     return overlay if os.path.isdir(os.path.join(overlay, "deepspeed")) else None
 
 
-def run_workers(engine: str, cases, tmp_path, timeout: int = 150):
+def run_workers(engine: str, cases, tmp_path, timeout: int = 360):
     """Two ranks of tests/sharded_worker.py; their results (rank 0's file). On a timeout the whole process group
     (torchrun and both ranks) is killed, so no process outlives the test."""
     result_file = str(tmp_path / "results.pt")

@@ -348,6 +348,25 @@ def _by_case(records: Sequence[Record]) -> Dict[str, Dict[str, Record]]:
     return cases
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and every process it started, waiting (up to 10 s) for those descendants to die.
+
+    Killing a process group is not enough for ``torch.distributed.run``: it starts each rank in a session of its
+    own, so its ranks would outlive it (stuck in a rendezvous, holding its output pipe open). The process itself is
+    left for its parent to reap (``Popen.wait``)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        descendants = parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in [parent, *descendants]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(descendants, timeout=10)
+
+
 def free_port() -> int:
     """A TCP port free on loopback now (for a server or a process group a benchmark starts)."""
     import socket

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .harness import Record, Suite, Timing, device_name, free_port, git_commit
+from .harness import Record, Suite, Timing, device_name, free_port, git_commit, kill_process_tree
 from .peft_training import Case as ModelCase
 from .peft_training import _model, _peft_config
 
@@ -60,7 +60,7 @@ def known_providers() -> List[str]:
 
 def measure(case: Case, device, providers: Optional[Sequence[str]] = None, timing: Optional[Timing] = None
             ) -> List[Record]:
-    """Runs the case's ranks (bounded: the whole process group is killed past a deadline) and returns one record
+    """Runs the case's ranks (bounded: torchrun and every rank are killed past a deadline) and returns one record
     per provider."""
     device = torch.device(device)
     timing = timing or Timing()
@@ -75,11 +75,11 @@ def measure(case: Case, device, providers: Optional[Sequence[str]] = None, timin
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(case.world),
                    "--master_port", str(free_port()), "-m", __name__, "--worker", json.dumps(spec), result_file]
         deadline = 120 + 3 * timing.min_time_s * len(wanted)
-        process = subprocess.Popen(command, env=env, start_new_session=True)
+        process = subprocess.Popen(command, env=env)
         try:
             process.wait(timeout=deadline)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+            kill_process_tree(process.pid)  # torchrun and its ranks (each in a session of its own)
             process.wait()
             raise RuntimeError(f"{case.name}: the ranks ran past {deadline:.0f} s and were killed")
         if process.returncode != 0:
