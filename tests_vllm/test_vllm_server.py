@@ -21,17 +21,19 @@ def serve_command(model_dir, adapters, port, *extra):
     return vllm_command(model_dir, adapters, port, "--max-model-len", "128", "--block-size", "32", *extra)
 
 
+def start_server(command, port, log) -> ServerProcess:
+    """The OpenAI server as users run it: the engine in a subprocess (vLLM's default; conftest turns it off for
+    the in-process LLM tests), a small CPU KV cache."""
+    return ServerProcess(command, port, log, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                                                  "VLLM_CPU_KVCACHE_SPACE": "1"}).wait_ready()
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, adapters, tmp_path_factory):
     port = free_port()
     log = str(tmp_path_factory.mktemp("server") / "server.log")
-    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own default: the engine in a subprocess
-    try:
-        process = ServerProcess(serve_command(model_dir, {n: p for n, (_, p) in adapters.items()}, port,
-                                              "--no-enable-prefix-caching"), port, log,
-                                env={"VLLM_CPU_KVCACHE_SPACE": "1"}).wait_ready()
-    finally:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    process = start_server(serve_command(model_dir, {n: p for n, (_, p) in adapters.items()}, port,
+                                         "--no-enable-prefix-caching"), port, log)
     yield port
     process.stop()
 
@@ -185,13 +187,8 @@ def test_other_families_equal_peft(family, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     adapters = save_adapters(base, tmp_path / "adapters", kinds=("prompt5", "prefix4", "multitask4"))
     port = free_port()
-    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    try:
-        process = ServerProcess(serve_command(model_dir, {n: p for n, (_, p) in adapters.items()}, port, "-O0",
-                                              "--enforce-eager"), port, str(tmp_path / "server.log"),
-                                env={"VLLM_CPU_KVCACHE_SPACE": "1"}).wait_ready()
-    finally:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    process = start_server(serve_command(model_dir, {n: p for n, (_, p) in adapters.items()}, port, "-O0",
+                                         "--enforce-eager"), port, str(tmp_path / "server.log"))
     try:
         prompt = [5, 9, 13, 17, 21, 25]
         for name in ("prompt5", "prefix4", "multitask4:1", "base"):

@@ -57,7 +57,6 @@ def known_providers() -> List[str]:
     return list(PROVIDERS)
 
 
-
 def measure(case: Case, device, providers: Optional[Sequence[str]] = None, timing: Optional[Timing] = None
             ) -> List[Record]:
     """Runs the case's ranks (bounded: torchrun and every rank are killed past a deadline) and returns one record
