@@ -20,7 +20,7 @@ if grep -qi "deprecat" "$work/sdist.log"; then grep -i -B2 -A2 "deprecat" "$work
 import sys, tarfile, zipfile
 wheel, sdist = sys.argv[1:]
 names = zipfile.ZipFile(wheel).namelist()
-for needed in ("softprompt_kernels/triton/op.py", "softprompt_kernels/hf/_compat.py", "softprompt_kernels/bench/run.py",
+for needed in ("softprompt_kernels/triton/op.py", "softprompt_kernels/hf/compat.py", "softprompt_kernels/bench/run.py",
                "softprompt_kernels/serving/bank.py"):
     assert needed in names, f"{needed} missing from the wheel"
 assert any(n.startswith("softprompt_kernels/_C") and n.endswith(".so") for n in names), "no _C extension in the wheel"

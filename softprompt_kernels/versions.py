@@ -3,7 +3,7 @@
 The ranges span the CI machine (torch 2.13 CPU, triton 3.9, transformers 5.24, peft 0.21) and the GPU
 machine (torch 2.11, triton 3.6, transformers 5.17); pyproject.toml declares the same ranges (a test
 keeps the two equal). The Hugging Face layer touches transformers and PEFT internals
-(``softprompt_kernels/hf/_compat.py``), so :func:`check_tested_versions` runs once when it is first
+(``softprompt_kernels/hf/compat.py``), so :func:`check_tested_versions` runs once when it is first
 imported: a version outside its range gets one :class:`UntestedVersionWarning` naming the version
 found and the range supported; a version below the hard minimum raises :class:`UnsupportedVersionError`.
 """

@@ -10,7 +10,7 @@ from vllm import LLM, SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from softprompt_kernels import vllm as skv
-from softprompt_kernels.serving.adapters import AdapterError
+from softprompt_kernels.adapters import AdapterError
 
 # 11 requests of different lengths over the toy vocabulary (ids 3..40: past the special tokens)
 PROMPTS = [[3 + (7 * i + 5 * j) % 38 for j in range(n)] for i, n in enumerate([5, 3, 7, 2, 4, 3, 6, 3, 4, 5, 3])]

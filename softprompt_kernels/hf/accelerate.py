@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from ..insertion import insert_prompts
-from . import _compat, adaption_prompt
+from . import compat, adaption_prompt
 from .attention import SoftPromptContext, use_softprompt_attention
 from .families import family_of
 from .multi_prompt import build_bank
+from .positions import text_positions
 from .prompts import (check_task_ids, context_for, multitask_prompts, prefix_tuning_layers, prompt_embeddings,
                       run_prompt_once, task_prompts)
 from .sharding import is_sharded
@@ -44,8 +45,8 @@ def accelerate(peft_model):
     """Accelerates a PEFT prompt-learning model in place and returns it."""
     if getattr(peft_model, _STATE, None) is not None:
         return peft_model
-    config = _compat.active_config(peft_model)
-    if config is not None and _compat.is_adaption_prompt(config):  # not prompt learning: its own module
+    config = compat.active_config(peft_model)
+    if config is not None and compat.is_adaption_prompt(config):  # not prompt learning: its own module
         reason = adaption_prompt.unsupported_reason(peft_model)
         if reason is not None:
             raise AccelerationError(reason)
@@ -55,7 +56,7 @@ def accelerate(peft_model):
     if config is None or not getattr(config, "is_prompt_learning", False):
         raise AccelerationError("accelerate() takes a PEFT model whose active adapter is PROMPT_TUNING, P_TUNING or "
                                 f"PREFIX_TUNING; got {type(peft_model).__name__}")
-    method = _compat.peft_type_name(config)
+    method = compat.peft_type_name(config)
     if method not in SUPPORTED_METHODS:
         raise AccelerationError(f"peft_type {method} is not supported; supported: {list(SUPPORTED_METHODS)}")
     model = peft_model.get_base_model()
@@ -63,16 +64,16 @@ def accelerate(peft_model):
     if method == "CPT" and not family.causal:  # before the task check: this is the reason
         raise AccelerationError(f"CPT on {family.model_type} (an encoder) is not supported: PEFT's CPT is for causal "
                                 "language models only (its config takes task_type CAUSAL_LM alone)")
-    task = _compat.task_type_name(config)
+    task = compat.task_type_name(config)
     tasks = DECODER_TASKS if family.causal else ENCODER_TASKS
     if task not in tasks:
         kind = "causal decoders" if family.causal else "encoders"
         raise AccelerationError(f"task_type {task} on {family.model_type} is not supported; {kind} take {list(tasks)}")
     previous_attention = use_softprompt_attention(model)
     if family.causal:
-        forward = _prefix_forward if _compat.is_kv_prefix(config) else _prompt_forward
+        forward = _prefix_forward if compat.is_kv_prefix(config) else _prompt_forward
     else:
-        forward = _encoder_prefix_forward if _compat.is_kv_prefix(config) else _encoder_prompt_forward
+        forward = _encoder_prefix_forward if compat.is_kv_prefix(config) else _encoder_prompt_forward
     # partials, not bound methods: they pickle (torch.save of the whole model) and keep the signature
     # (Trainer reads forward's parameters to pick dataset columns)
     state = {"attention": previous_attention, "family": family, "forward": functools.partial(forward, peft_model)}
@@ -94,7 +95,7 @@ def restore(peft_model):
         return peft_model
     for name in ("forward", "generate"):
         peft_model.__dict__.pop(name, None)
-    _compat.set_attention_implementation(peft_model.get_base_model(), state["attention"])
+    compat.set_attention_implementation(peft_model.get_base_model(), state["attention"])
     delattr(peft_model, _STATE)
     return peft_model
 
@@ -129,25 +130,6 @@ def _check_mask(attention_mask, length: int, past: int) -> None:
 # --- positions and cache arguments
 
 
-def _text_positions(family, k: int, batch: int, length: int, past: int, attention_mask, device, model=None):
-    """Positions of the text tokens [B, length] when k prompt positions precede them (PEFT's numbering).
-
-    ``k`` is an int, or a tensor [B] when rows use prompts of different lengths.
-    """
-    if isinstance(k, torch.Tensor):
-        k = k[:, None]
-    if family.positions in ("mask_cumsum", "padding_cumsum"):
-        mask = (attention_mask if attention_mask is not None
-                else torch.ones(batch, past + length, dtype=torch.long, device=device)).long()
-        if family.positions == "mask_cumsum":
-            positions = torch.where(mask.bool(), k + mask.cumsum(-1) - 1, torch.full_like(mask, -1))
-        else:
-            padding_idx = model.config.pad_token_id
-            positions = (k + mask.cumsum(-1)) * mask + padding_idx
-        return positions[:, -length:]
-    return (k + past + torch.arange(length, device=device)[None]).expand(batch, length)
-
-
 def _batch_and_length(input_ids, inputs_embeds):
     x = input_ids if input_ids is not None else inputs_embeds
     if x is None:
@@ -168,17 +150,17 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         bank = build_bank(self, model, adapter_names, batch, device, want_logits=False)
         k, context = bank.row_lengths, bank.context
     else:
-        k = _compat.active_config(self).num_virtual_tokens
+        k = compat.active_config(self).num_virtual_tokens
         context = context_for(prefix_tuning_layers(self))
-    cache = _compat.pop_cache(kwargs)
+    cache = compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     _check_mask(attention_mask, length, past)
     if position_ids is None:
-        position_ids = _text_positions(_family(self), k, batch, length, past, attention_mask, device)
+        position_ids = text_positions(_family(self), k, length, attention_mask=attention_mask, past=past, batch=batch, device=device)
     else:
         position_ids = position_ids + (k[:, None] if isinstance(k, torch.Tensor) else k)  # PEFT's offset
     if cache is not None:
-        kwargs[_compat.cache_argument(model)] = cache
+        kwargs[compat.cache_argument(model)] = cache
     per_adapter = adapter_names is not None and labels is not None
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 labels=None if per_adapter else labels, position_ids=position_ids, output_attentions=output_attentions,
@@ -203,9 +185,9 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
     adapter_names = kwargs.pop("adapter_names", None)
     has_prompt = None
-    config = _compat.active_config(self)
-    multitask = _compat.peft_type_name(config) == MULTITASK
-    cpt = _compat.peft_type_name(config) == "CPT"
+    config = compat.active_config(self)
+    multitask = compat.peft_type_name(config) == MULTITASK
+    cpt = compat.peft_type_name(config) == "CPT"
     if multitask and adapter_names is not None:
         raise ValueError("adapter_names does not apply to MULTITASK_PROMPT_TUNING adapters: pass task_ids (one task "
                          "per row) instead")
@@ -228,12 +210,12 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         prompt_pass = run_prompt_once(model, prompt_embeddings(self, model), want_logits=labels is not None,
                                       all_logits=cpt and labels is not None)
         context, first_logits = context_for(prompt_pass.layers), prompt_pass.last_logits
-    cache = _compat.pop_cache(kwargs)
+    cache = compat.pop_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     _check_mask(attention_mask, length, past)
-    position_ids = _text_positions(_family(self), k, batch, length, past, attention_mask, device)
+    position_ids = text_positions(_family(self), k, length, attention_mask=attention_mask, past=past, batch=batch, device=device)
     if cache is not None:
-        kwargs[_compat.cache_argument(model)] = cache
+        kwargs[compat.cache_argument(model)] = cache
     num_items = kwargs.pop("num_items_in_batch", None)
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 position_ids=position_ids, output_attentions=output_attentions,
@@ -259,9 +241,9 @@ def _packs_prompt(self, model, length: int, kwargs) -> bool:
     every layer twice per step, forward and backward), without a cache (the packed row would enter it), and when
     the text is at least as long as the prompt (the prompt row is padded to the text's length, never the
     text rows to the prompt's)."""
-    if _compat.pop_cache(dict(kwargs)) is not None or kwargs.get("use_cache"):
+    if compat.pop_cache(dict(kwargs)) is not None or kwargs.get("use_cache"):
         return False
-    return _compat.active_config(self).num_virtual_tokens <= length and is_sharded(model)
+    return compat.active_config(self).num_virtual_tokens <= length and is_sharded(model)
 
 
 def _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds, labels, output_attentions,
@@ -274,7 +256,7 @@ def _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds
     sees the prompt and the text in one call: one gather of its weights, one checkpointed segment, and the
     prompt computed on every rank exactly as in the batch-1 pass. Row 0's logit at position k - 1 predicts every
     row's first token."""
-    k = _compat.active_config(self).num_virtual_tokens
+    k = compat.active_config(self).num_virtual_tokens
     family = _family(self)
     prompt = prompt_embeddings(self, model)  # [1, k, hidden]
     text = model.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
@@ -284,8 +266,8 @@ def _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds
     mask = None
     if attention_mask is not None:
         mask = torch.cat([attention_mask.new_ones(1, length), attention_mask])
-    positions = torch.cat([_text_positions(family, 0, 1, length, 0, None, text.device, model),
-                           _text_positions(family, k, batch, length, 0, attention_mask, text.device, model)])
+    positions = torch.cat([text_positions(family, 0, length, batch=1, device=text.device),
+                           text_positions(family, k, length, attention_mask=attention_mask, batch=batch, device=text.device)])
     kwargs.pop("use_cache", None)
     num_items = kwargs.pop("num_items_in_batch", None)
     context = SoftPromptContext.packed(k, batch + 1, text.device)
@@ -412,12 +394,13 @@ def _encoder_prefix_forward(self, input_ids=None, attention_mask=None, inputs_em
                             output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
                             position_ids=None, **kwargs):
     """P-Tuning v2 on an encoder: every layer's prefix into non-causal prefix_attention."""
-    config = _compat.active_config(self)
+    config = compat.active_config(self)
     model = self.get_base_model()
     k = config.num_virtual_tokens
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
     if position_ids is None:
-        position_ids = _text_positions(_family(self), k, batch, length, 0, attention_mask, device, model)
+        position_ids = text_positions(_family(self), k, length, attention_mask=attention_mask, batch=batch, device=device,
+                                      pad_token_id=model.config.pad_token_id)
     else:
         position_ids = position_ids + k
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
@@ -435,13 +418,13 @@ def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_em
 
     Token classification returns logits for the text tokens only, so that labels [B, n] line up.
     """
-    config = _compat.active_config(self)
+    config = compat.active_config(self)
     model = self.get_base_model()
     k = config.num_virtual_tokens
     batch, length, device = _batch_and_length(input_ids, inputs_embeds)
     if position_ids is not None:
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
-    if _compat.peft_type_name(config) == MULTITASK:
+    if compat.peft_type_name(config) == MULTITASK:
         prompts, row_prompt = task_prompts(self, model, check_task_ids(task_ids, batch, config.num_tasks, device))
     else:
         prompts, row_prompt = prompt_embeddings(self, model), None  # [1, k, hidden]: every row's
@@ -456,7 +439,7 @@ def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_em
         attention_mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
     if token_type_ids is not None:
         token_type_ids = torch.cat([token_type_ids.new_zeros(batch, k), token_type_ids], dim=1)
-    per_token = _compat.task_type_name(config) == "TOKEN_CLS"
+    per_token = compat.task_type_name(config) == "TOKEN_CLS"
     out = model(inputs_embeds=inputs, attention_mask=attention_mask, token_type_ids=token_type_ids,
                 labels=None if per_token else labels, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
@@ -478,7 +461,7 @@ def _generate(self, *gen_args, **gen_kwargs):
     Positions follow the accelerated forward (text from k), so greedy decoding with a cache gives the
     tokens of a greedy loop over the forward itself.
     """
-    config = _compat.active_config(self)
+    config = compat.active_config(self)
     model = self.get_base_model()
     if getattr(self, "generation_config", None) is not None:
         model.generation_config = self.generation_config  # one assigned on the PeftModel rules, as in PEFT
@@ -488,12 +471,12 @@ def _generate(self, *gen_args, **gen_kwargs):
     k = config.num_virtual_tokens
     task_ids = gen_kwargs.pop("task_ids", None)
     with torch.no_grad():
-        if _compat.peft_type_name(config) == MULTITASK:
+        if compat.peft_type_name(config) == MULTITASK:
             ids = gen_kwargs.get("input_ids", gen_args[0] if gen_args else None)
             ids = ids if ids is not None else gen_kwargs["inputs_embeds"]
             task_ids = check_task_ids(task_ids, ids.shape[0], config.num_tasks, ids.device)
             context, _ = multitask_prompts(self, model, task_ids, want_logits=False)
-        elif _compat.is_kv_prefix(config):
+        elif compat.is_kv_prefix(config):
             context = context_for(prefix_tuning_layers(self))
         else:
             context = context_for(run_prompt_once(model, prompt_embeddings(self, model), want_logits=False).layers)
@@ -502,13 +485,13 @@ def _generate(self, *gen_args, **gen_kwargs):
         def prepare_inputs(*args, **kwargs):
             inputs = original(*args, **kwargs)
             x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-            cache = _compat.cache_of(inputs)
+            cache = compat.cache_of(inputs)
             past = cache.get_seq_length() if cache is not None else 0
-            inputs["position_ids"] = _text_positions(family, k, x.shape[0], x.shape[1], past,
-                                                     inputs.get("attention_mask"), x.device)
+            inputs["position_ids"] = text_positions(family, k, x.shape[1], attention_mask=inputs.get("attention_mask"), past=past,
+                                                    batch=x.shape[0], device=x.device)
             inputs["softprompt_context"] = context
             return inputs
         return prepare_inputs
 
-    with _compat.patched_prepare_inputs(model, wrap):
+    with compat.patched_prepare_inputs(model, wrap):
         return model.generate(*gen_args, **gen_kwargs)

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from ..attention import prefix_attention
-from . import _compat
+from . import compat
 
 _FORWARD = "forward"
 
@@ -30,11 +30,11 @@ _FORWARD = "forward"
 def unsupported_reason(peft_model):
     """Why this adaption-prompt model cannot be accelerated (None: it can)."""
     model_type = peft_model.get_base_model().config.model_type
-    supported = _compat.adaption_prompt_model_types()
+    supported = compat.adaption_prompt_model_types()
     if model_type not in supported:
         return (f"ADAPTION_PROMPT on {model_type} is not supported: PEFT's adaption prompt has a query "
                 f"recomputation only for {list(supported)}")
-    if not _compat.adapted_attentions(peft_model):
+    if not compat.adapted_attentions(peft_model):
         return "this ADAPTION_PROMPT model has no adapted attention modules: nothing to accelerate"
     return None
 
@@ -42,15 +42,15 @@ def unsupported_reason(peft_model):
 def accelerate(peft_model) -> None:
     """Every adapter's adapted-attention modules compute their adapter term with ``prefix_attention``;
     ``generate`` numbers positions as the forward does."""
-    for module in _compat.adapted_attentions(peft_model):
-        forward = _gpt2_forward if _compat.adaption_is_gpt2(module) else _projected_forward
+    for module in compat.adapted_attentions(peft_model):
+        forward = _gpt2_forward if compat.adaption_is_gpt2(module) else _projected_forward
         # partials of module-level functions (not closures): the model still pickles
         setattr(module, _FORWARD, functools.partial(forward, module))
     peft_model.generate = functools.partial(_generate, peft_model)
 
 
 def restore(peft_model) -> None:
-    for module in _compat.adapted_attentions(peft_model):
+    for module in compat.adapted_attentions(peft_model):
         module.__dict__.pop(_FORWARD, None)
     peft_model.__dict__.pop("generate", None)
 
@@ -67,7 +67,7 @@ def _generate(peft_model, *args, **kwargs):
             return inputs
         return prepare_inputs
 
-    with _compat.patched_prepare_inputs(peft_model.get_base_model(), wrap):
+    with compat.patched_prepare_inputs(peft_model.get_base_model(), wrap):
         return type(peft_model).generate(peft_model, *args, **kwargs)
 
 
@@ -76,7 +76,7 @@ def adapter_term(module, query: torch.Tensor) -> torch.Tensor:
 
     query [B, Hq, Lq, D]: the wrapped attention's queries (after rotary)."""
     batch, _, length, head_dim = query.shape
-    keys, values = _compat.adaption_key_values(module)  # [1, L, Hkv * D] each, batch 1
+    keys, values = compat.adaption_key_values(module)  # [1, L, Hkv * D] each, batch 1
     # [1, Hkv, L, D]: a bank of one prompt, read by every row (prompt_ids None); no copy over the batch
     prefix_k = keys.view(1, keys.shape[1], -1, head_dim).transpose(1, 2).to(query.dtype)
     prefix_v = values.view(1, values.shape[1], -1, head_dim).transpose(1, 2).to(query.dtype)
@@ -93,9 +93,9 @@ def _projected_forward(module, **kwargs):
         raise NotImplementedError("output_attention is not currently supported.")  # as PEFT
     output, *rest = module.model(**kwargs)
     arguments = {name: value for name, value in kwargs.items() if name != "hidden_states"}
-    query = _compat.adaption_query_states(module, kwargs["hidden_states"], arguments)
+    query = compat.adaption_query_states(module, kwargs["hidden_states"], arguments)
     term = adapter_term(module, query)
-    projection = _compat.adaption_output_projection(module)
+    projection = compat.adaption_output_projection(module)
     if projection is not None:
         term = projection(term)
     return ((output + term).to(query.dtype), *rest)
@@ -104,6 +104,6 @@ def _projected_forward(module, **kwargs):
 def _gpt2_forward(module, hidden_states, *args, **kwargs):
     """GPT-2 (PEFT's AdaptedAttentionGPT): the adapter term added after c_proj, unprojected."""
     outputs = module.model(hidden_states, *args, **kwargs)
-    query = _compat.adaption_query_states(module, hidden_states, kwargs)
+    query = compat.adaption_query_states(module, hidden_states, kwargs)
     term = adapter_term(module, query)
     return ((outputs[0] + term).to(query.dtype), *outputs[1:])

@@ -20,7 +20,7 @@ from .._common import warn_once
 from .._validation import validate_prefix_attention_args
 from ..attention import prefix_attention
 from ..reference import prefix_attention_torch
-from . import _compat
+from . import compat
 
 ATTENTION_NAME = "softprompt"
 
@@ -164,7 +164,7 @@ def softprompt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
     When the model's mask function applies a sliding window, the mask carries it (as an attribute of the
     returned tensor, an all-True mask when there is no padding): some families put their window only
     into the mask, not into the arguments of their attention."""
-    window = _compat.sliding_window_of(mask_function)
+    window = compat.sliding_window_of(mask_function)
     if attention_mask is None:
         if window is None:
             return None
@@ -181,14 +181,14 @@ def softprompt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
 
 def register() -> None:
     """Makes ``attn_implementation="softprompt"`` known to transformers (idempotent)."""
-    _compat.register_attention(ATTENTION_NAME, softprompt_attention, softprompt_mask)
+    compat.register_attention(ATTENTION_NAME, softprompt_attention, softprompt_mask)
 
 
 def use_softprompt_attention(model) -> str:
     """Switches a transformers model to softprompt attention; returns the implementation it had."""
     register()
-    previous = _compat.attention_implementation(model)
-    _compat.set_attention_implementation(model, ATTENTION_NAME)
+    previous = compat.attention_implementation(model)
+    compat.set_attention_implementation(model, ATTENTION_NAME)
     return previous
 
 

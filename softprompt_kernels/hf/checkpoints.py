@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from . import _compat
+from . import compat
 
 ENCODER_FILE = "softprompt_encoder.safetensors"
 
@@ -24,7 +24,7 @@ def save_trainable(peft_model, directory: str) -> None:
     from safetensors.torch import save_file
 
     peft_model.save_pretrained(directory)
-    encoder = _compat.prompt_encoder(peft_model)
+    encoder = compat.prompt_encoder(peft_model)
     state = {name: tensor.detach().contiguous() for name, tensor in encoder.state_dict().items()}
     save_file(state, os.path.join(directory, ENCODER_FILE))
 
@@ -39,11 +39,11 @@ def load_trainable(base_model, directory: str, adapter_name: str = "default"):
         raise FileNotFoundError(f"no adapter_config.json in {directory!r}")
     config = PeftConfig.from_pretrained(directory)
     if not config.is_prompt_learning:
-        raise ValueError(f"{directory!r} holds a {_compat.peft_type_name(config)} adapter, not a prompt-learning one")
+        raise ValueError(f"{directory!r} holds a {compat.peft_type_name(config)} adapter, not a prompt-learning one")
     config.inference_mode = False
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    encoder = _compat.prompt_encoder(model, adapter_name)
-    weight = _compat.prompt_encoder_weight(encoder)
+    encoder = compat.prompt_encoder(model, adapter_name)
+    weight = compat.prompt_encoder_weight(encoder)
     encoder_path = os.path.join(directory, ENCODER_FILE)
     if os.path.isfile(encoder_path):
         encoder.load_state_dict(load_file(encoder_path, device=str(weight.device)))
@@ -55,7 +55,7 @@ def load_trainable(base_model, directory: str, adapter_name: str = "default"):
     if "prompt_embeddings" not in saved:
         raise ValueError(f"{weights_path} has no 'prompt_embeddings' tensor (keys: {sorted(saved)})")
     embeddings = saved["prompt_embeddings"]
-    method = _compat.peft_type_name(config)
+    method = compat.peft_type_name(config)
     if getattr(config, "prefix_projection", False) or method == "P_TUNING":
         raise ValueError(
             f"{directory!r} holds only the output of a {method} encoder, not the encoder: resuming it "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from .._common import warn_once
-from . import _compat
+from . import compat
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def unsupported_reason(config, model=None, model_class=None) -> Optional[str]:
     if getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False) \
             or model_type == "bloom":
         return "it uses ALiBi position biases, which the op does not add to the scores"
-    if _compat.is_masked_lm_family(model_type):
+    if compat.is_masked_lm_family(model_type):
         return ("it is a bidirectional encoder: of those, BERT and RoBERTa are supported (other encoders number "
                 "positions after a prefix in ways not yet checked against PEFT)")
     model_class = type(model) if model is not None else model_class

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _compat
+from . import compat
 from .attention import SoftPromptContext
 from .prompts import prefix_tuning_layers, prompt_embeddings, run_prompts_together
 
@@ -35,11 +35,11 @@ def check_adapter_names(peft_model, adapter_names: Sequence[Optional[str]], batc
     if len(adapter_names) != batch:
         raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
     distinct = [name for name in dict.fromkeys(adapter_names) if name is not None]
-    known = _compat.adapter_names(peft_model)
+    known = compat.adapter_names(peft_model)
     unknown = [name for name in distinct if name not in known]
     if unknown:
         raise ValueError(f"unknown adapters {unknown}; this model has {sorted(known)}")
-    kinds = {_compat.peft_type_name(_compat.adapter_config(peft_model, name)) for name in distinct}
+    kinds = {compat.peft_type_name(compat.adapter_config(peft_model, name)) for name in distinct}
     if len(kinds) > 1:
         raise ValueError(f"adapters of one batch must be of one kind, got {sorted(kinds)}")
     return distinct
@@ -50,11 +50,11 @@ def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch:
     distinct = check_adapter_names(peft_model, adapter_names, batch)
     index = {name: i for i, name in enumerate(distinct)}
     prompt_ids = torch.tensor([index[name] if name is not None else -1 for name in adapter_names], device=device)
-    lengths = torch.tensor([_compat.adapter_config(peft_model, name).num_virtual_tokens for name in distinct],
+    lengths = torch.tensor([compat.adapter_config(peft_model, name).num_virtual_tokens for name in distinct],
                            device=device)
-    prefix_method = bool(distinct) and _compat.is_kv_prefix(_compat.adapter_config(peft_model, distinct[0]))
+    prefix_method = bool(distinct) and compat.is_kv_prefix(compat.adapter_config(peft_model, distinct[0]))
     first = None
-    num_layers = _compat.text_config(model).num_hidden_layers
+    num_layers = compat.text_config(model).num_hidden_layers
     width = int(lengths.max()) if distinct else 0
     if not distinct:
         layers = [_empty_prefix(model, device)] * num_layers
@@ -80,7 +80,7 @@ def _stack(prefixes, width: int) -> torch.Tensor:
 
 
 def _empty_prefix(model, device):
-    config = _compat.text_config(model)
+    config = compat.text_config(model)
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     empty = torch.zeros((0, heads, 0, head_dim), device=device, dtype=model.dtype)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _compat
+from . import compat
 from .attention import SoftPromptContext
 
 Prefix = Tuple[torch.Tensor, torch.Tensor]
@@ -21,20 +21,20 @@ Prefix = Tuple[torch.Tensor, torch.Tensor]
 
 def prompt_encoder_output(peft_model, adapter: Optional[str] = None) -> torch.Tensor:
     """What PEFT's ``get_prompt`` computes for one row: ``[k, width]`` (differentiable)."""
-    config = _compat.adapter_config(peft_model, adapter)
-    encoder = _compat.prompt_encoder(peft_model, adapter)
-    weight = _compat.prompt_encoder_weight(encoder)
+    config = compat.adapter_config(peft_model, adapter)
+    encoder = compat.prompt_encoder(peft_model, adapter)
+    weight = compat.prompt_encoder_weight(encoder)
     if config.inference_mode:
         return weight
-    tokens = _compat.prompt_tokens(peft_model, adapter)[: config.num_virtual_tokens]
+    tokens = compat.prompt_tokens(peft_model, adapter)[: config.num_virtual_tokens]
     return encoder(tokens.to(weight.device)[None])[0]
 
 
 def prefix_tuning_layers(peft_model, adapter: Optional[str] = None) -> List[Prefix]:
     """Each layer's (prefix_k, prefix_v) ``[1, Hkv, k, D]`` for a PREFIX_TUNING adapter."""
-    config = _compat.adapter_config(peft_model, adapter)
+    config = compat.adapter_config(peft_model, adapter)
     out = prompt_encoder_output(peft_model, adapter)
-    dtype = _compat.base_model_dtype(peft_model)
+    dtype = compat.base_model_dtype(peft_model)
     if dtype is not None:
         out = out.to(dtype)
     k, heads = config.num_virtual_tokens, config.num_attention_heads
@@ -58,8 +58,8 @@ def run_prompt_once(model, prompts: torch.Tensor, want_logits: bool = True, all_
     Each attention layer records its K/V into the context (no KV cache involved, so it works with
     caching off and under activation checkpointing, which this short batch-1 pass does not need).
     """
-    capture = SoftPromptContext.capturing(_compat.text_config(model).num_hidden_layers)
-    with _compat.activation_checkpointing_disabled(model):
+    capture = SoftPromptContext.capturing(compat.text_config(model).num_hidden_layers)
+    with compat.activation_checkpointing_disabled(model):
         out = model(inputs_embeds=prompts, use_cache=False, logits_to_keep=0 if all_logits else int(want_logits),
                     softprompt_context=capture)
     return PromptPass(list(capture.captured), out.logits[:, -1] if want_logits or all_logits else None,
@@ -78,8 +78,8 @@ def run_prompts_together(model, prompts: Sequence[torch.Tensor], want_logits: bo
     width = max(lengths)
     stacked = torch.stack([torch.cat([p, p[-1:].expand(width - p.shape[0], -1)]) for p in prompts])
     span = width - min(lengths) + 1  # the logits from the shortest prompt's last position on
-    capture = SoftPromptContext.capturing(_compat.text_config(model).num_hidden_layers)
-    with _compat.activation_checkpointing_disabled(model):
+    capture = SoftPromptContext.capturing(compat.text_config(model).num_hidden_layers)
+    with compat.activation_checkpointing_disabled(model):
         out = model(inputs_embeds=stacked, use_cache=False, logits_to_keep=span if want_logits else 0,
                     softprompt_context=capture)
     last = None
@@ -109,10 +109,10 @@ def task_prompts(peft_model, model, task_ids: torch.Tensor) -> Tuple[torch.Tenso
     Each distinct task's prompt comes from PEFT's encoder (the shared prompt times the task's low-rank factor),
     computed once per task, not once per row.
     """
-    config = _compat.adapter_config(peft_model)
+    config = compat.adapter_config(peft_model)
     distinct, row_task = torch.unique(task_ids, return_inverse=True)
-    encoder = _compat.prompt_encoder(peft_model)
-    tokens = _compat.prompt_tokens(peft_model)[: config.num_virtual_tokens].to(distinct.device)
+    encoder = compat.prompt_encoder(peft_model)
+    tokens = compat.prompt_tokens(peft_model)[: config.num_virtual_tokens].to(distinct.device)
     prompts = encoder(tokens[None].expand(len(distinct), -1), distinct)  # [T, k, hidden]
     return prompts.to(model.get_input_embeddings().weight.dtype), row_task
 

@@ -18,7 +18,7 @@ from typing import Iterator, List
 
 import torch
 
-from . import _compat
+from . import compat
 
 
 def _fsdp2_module_type():
@@ -58,7 +58,7 @@ def _fsdp_roots(peft_model) -> List[torch.nn.Module]:
     fsdp2 = _fsdp2_module_type()
     if fsdp2 is None:
         return []
-    encoder_params = {id(p) for p in _compat.prompt_encoder(peft_model).parameters()}
+    encoder_params = {id(p) for p in compat.prompt_encoder(peft_model).parameters()}
     roots = []
     for module in peft_model.modules():
         if isinstance(module, fsdp2) and any(id(p) in encoder_params for p in module.parameters(recurse=False)):
@@ -73,7 +73,7 @@ def full_prompt_parameters(peft_model) -> Iterator[None]:
     """Within the block, the prompt encoder's parameters are whole on every rank (a collective: every rank
     must enter it). FSDP2: the owning module is unsharded; FSDP (a wrapper somewhere above or around the
     model): ``summon_full_params``; ZeRO-3: ``GatheredParameters``. Unsharded models: nothing to do."""
-    encoder = _compat.prompt_encoder(peft_model)
+    encoder = compat.prompt_encoder(peft_model)
     params = list(encoder.parameters())
     with contextlib.ExitStack() as stack:
         if any(_is_zero3_parameter(p) for p in params):
@@ -107,4 +107,4 @@ def save_adapter(peft_model, directory: str) -> None:
     ``adapter_model.safetensors``), loadable by plain ``PeftModel.from_pretrained`` on one process.
     """
     with full_prompt_parameters(peft_model), torch.no_grad():
-        _compat.save_prompt_adapter(peft_model, directory, _is_main_process())
+        compat.save_prompt_adapter(peft_model, directory, _is_main_process())

@@ -1,5 +1,5 @@
 """Serving many soft prompts on one frozen model: the adapter bank, batched generation, an HTTP server."""
-from .adapters import AdapterError
+from ..adapters import AdapterError
 from .bank import PromptBank
 from .generate import generate
 

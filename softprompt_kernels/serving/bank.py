@@ -1,6 +1,6 @@
 """``PromptBank``: many prompt adapters for one frozen causal LM, served from one device bank.
 
-Every adapter becomes per-layer K/V once, when it is added (docs/DESIGN.md section 3; serving/adapters.py,
+Every adapter becomes per-layer K/V once, when it is added (docs/DESIGN.md section 3; softprompt_kernels/adapters.py,
 the registration code the vLLM plugin shares): prompt tuning and P-tuning adapters are run through the model
 (batch 1) and their cached K/V kept; prefix-tuning adapters and Cartridges are their K/V already; a multitask
 adapter is served as ``name:task``, one prompt per task. All resident adapters live in one tensor per layer,
@@ -16,10 +16,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..hf import _compat
+from ..hf import compat
 from ..hf.attention import SoftPromptContext, use_softprompt_attention
 from ..hf.families import family_of
-from .adapters import (AdapterError, AdapterKV, ModelShape, adapter_kv, hf_prompt_runner,
+from ..adapters import (AdapterError, AdapterKV, ModelShape, adapter_kv, hf_prompt_runner,
                        read_peft_directory, source_of_peft_model, source_of_tensor)
 
 
@@ -157,7 +157,7 @@ class PromptBank:
             adapter = source_of_tensor(source.detach(), kind)
         elif isinstance(source, (str, os.PathLike)):
             adapter = read_peft_directory(os.fspath(source))
-        elif _compat.active_config(source) is not None:  # a PEFT model (other methods are refused by name)
+        elif compat.active_config(source) is not None:  # a PEFT model (other methods are refused by name)
             adapter = source_of_peft_model(source)
         else:
             raise AdapterError(f"source must be a PEFT adapter directory, a PEFT model or a tensor; "

@@ -25,8 +25,9 @@ from typing import Callable, Deque, List, Optional, Sequence
 
 import torch
 
-from ..hf import _compat
-from .generate import _positions, _sample
+from ..hf import compat
+from ..hf.positions import text_positions
+from .generate import _sample
 
 log = logging.getLogger("softprompt_kernels.serving")
 
@@ -107,7 +108,7 @@ class Engine:
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.metrics = metrics
         self.batching = batching
-        self._joinable = _compat.cache_is_joinable(self.model)
+        self._joinable = compat.cache_is_joinable(self.model)
         if batching == "continuous" and not self._joinable:
             log.warning("the KV cache of %s has sliding-window layers: rows cannot join a running batch, "
                         "so batching is static", bank.family.model_type)
@@ -229,23 +230,23 @@ class Engine:
         ids, mask = ids.to(self.bank.device), mask.to(self.bank.device)
         context, row_lengths = self.bank.context_for([row.request.adapter for row in rows])
         context.prefix_after_padding = True
-        cache = _compat.new_dynamic_cache(self.model)
-        positions = _positions(row_lengths, mask, length, self.model, self.bank.family)
+        cache = compat.new_dynamic_cache(self.model)
+        positions = text_positions(self.bank.family, row_lengths, length, attention_mask=mask, count_real_tokens=True)
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, softprompt_context=context,
-                             **{_compat.cache_argument(self.model): cache})
+                             **{compat.cache_argument(self.model): cache})
         return rows, cache, mask, out.logits[:, -1]
 
     def _decode(self) -> None:
         rows = self._rows
         tokens = torch.tensor([row.pending for row in rows], device=self.bank.device)[:, None]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        snapshot = _compat.cache_snapshot(self._cache)
+        snapshot = compat.cache_snapshot(self._cache)
         try:
             logits = self._forward_step(tokens, mask, self._cache, self._context, self._row_lengths)
         except Exception:  # noqa: BLE001 - retried row by row below, from the cache as it was before the step
-            _compat.cache_restore(snapshot)
+            compat.cache_restore(snapshot)
             self._decode_row_by_row(tokens, mask)
             return
         self._mask = mask
@@ -253,10 +254,10 @@ class Engine:
         self._drop_finished()
 
     def _forward_step(self, tokens, mask, cache, context, row_lengths):
-        positions = _positions(row_lengths, mask, 1, self.model, self.bank.family)
+        positions = text_positions(self.bank.family, row_lengths, 1, attention_mask=mask, count_real_tokens=True)
         with torch.no_grad():
             out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                             softprompt_context=context, **{_compat.cache_argument(self.model): cache})
+                             softprompt_context=context, **{compat.cache_argument(self.model): cache})
         return out.logits[:, -1]
 
     def _decode_row_by_row(self, tokens, mask) -> None:
@@ -264,7 +265,7 @@ class Engine:
         fail, and the step runs again, batched, for the others."""
         keep = []
         for i, row in enumerate(self._rows):
-            cache = _compat.cache_select(self._cache, torch.tensor([i], device=self.bank.device))
+            cache = compat.cache_select(self._cache, torch.tensor([i], device=self.bank.device))
             context, row_lengths = self.bank.context_for([row.request.adapter])
             context.prefix_after_padding = True
             try:
@@ -277,7 +278,7 @@ class Engine:
             return
         index = torch.tensor(keep, device=self.bank.device)
         rows = [self._rows[i] for i in keep]
-        self._rows, self._cache, self._mask = rows, _compat.cache_select(self._cache, index), self._mask[index]
+        self._rows, self._cache, self._mask = rows, compat.cache_select(self._cache, index), self._mask[index]
         self._rebuild_context()
         tokens, mask = tokens[index], mask[index]
         try:
@@ -372,7 +373,7 @@ class Engine:
             return
         index = torch.tensor(keep, device=self.bank.device)
         self._rows = [self._rows[i] for i in keep]
-        self._cache = _compat.cache_select(self._cache, index)
+        self._cache = compat.cache_select(self._cache, index)
         self._mask = self._mask[index]
         if self._joinable:  # a sliding layer's length is the whole batch's: its front stays
             self._trim_padding()
@@ -387,11 +388,11 @@ class Engine:
             return
         if len(live) < len(rows):
             index = torch.tensor(live, device=self.bank.device)
-            cache, mask, rows = _compat.cache_select(cache, index), mask[index], [rows[i] for i in live]
+            cache, mask, rows = compat.cache_select(cache, index), mask[index], [rows[i] for i in live]
         if not self._rows:
             self._rows, self._cache, self._mask = rows, cache, mask
         else:
-            self._cache = _compat.cache_merge(self._cache, cache)
+            self._cache = compat.cache_merge(self._cache, cache)
             width = max(self._mask.shape[1], mask.shape[1])
             self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
             self._rows = self._rows + rows
@@ -405,7 +406,7 @@ class Engine:
         first = int(real[0]) if real.numel() else 0
         if first > 0:
             self._mask = self._mask[:, first:]
-            _compat.cache_drop_front(self._cache, first)
+            compat.cache_drop_front(self._cache, first)
 
     def _rebuild_context(self) -> None:
         self._context, self._row_lengths = self.bank.context_for([row.request.adapter for row in self._rows])

@@ -13,16 +13,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from ..hf import _compat
-
-
-def _positions(row_lengths: torch.Tensor, mask: torch.Tensor, last: int, model, family) -> torch.Tensor:
-    """Positions of the last ``last`` tokens [B, last]: k + (real tokens so far) - 1, padding-invariant."""
-    count = mask.long().cumsum(-1) - 1
-    positions = row_lengths[:, None] + count.clamp(min=0)
-    if family.positions == "mask_cumsum":  # OPT numbers padding -1 (it is masked out either way)
-        positions = torch.where(mask.bool(), positions, torch.full_like(positions, -1))
-    return positions[:, -last:]
+from ..hf import compat
+from ..hf.positions import text_positions
 
 
 def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -85,10 +77,10 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
 
     context, row_lengths = bank.context_for(adapters)
     context.prefix_after_padding = True  # a request's tokens do not depend on the padding of its batch
-    cache = _compat.new_dynamic_cache(model)
-    positions = _positions(row_lengths, mask, length, model, bank.family)
+    cache = compat.new_dynamic_cache(model)
+    positions = text_positions(bank.family, row_lengths, length, attention_mask=mask, count_real_tokens=True)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, softprompt_context=context, **{_compat.cache_argument(model): cache})
+                logits_to_keep=1, softprompt_context=context, **{compat.cache_argument(model): cache})
     new = [[] for _ in range(batch)]
     finished = limits <= 0
     for step in range(int(limits.max()) if batch else 0):
@@ -105,7 +97,7 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         if bool(finished.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = _positions(row_lengths, mask, 1, model, bank.family)
+        positions = text_positions(bank.family, row_lengths, 1, attention_mask=mask, count_real_tokens=True)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                    softprompt_context=context, **{_compat.cache_argument(model): cache})
+                    softprompt_context=context, **{compat.cache_argument(model): cache})
     return new

@@ -35,7 +35,7 @@ CAVEAT = ('nearest tokens are a weak explanation of a soft prompt: Khashabi et a
 PREFIX_REASON = ("prefix tuning learns per-layer attention keys and values, not input embeddings: "
                  "there is no vocabulary to compare them with")
 EMBEDDING_TYPES = ("PROMPT_TUNING", "P_TUNING")
-# hf/_compat.py's KV_PREFIX_TYPES (prefix tuning and Cartridges); spelled out, not imported: the CLI builds this
+# hf/compat.py's KV_PREFIX_TYPES (prefix tuning and Cartridges); spelled out, not imported: the CLI builds this
 # command's parser on every invocation, and importing softprompt_kernels.hf would load transformers for all of them
 PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 # Vocabulary rows converted to float32 at a time: bounds the extra memory for 150k x 8k tables.
@@ -52,28 +52,28 @@ def inspect_adapter(peft_model, tokenizer=None, top_k: int = 5, adapter: Optiona
     ``tokenizer`` (optional) decodes nearest-token ids with ``convert_ids_to_tokens``; without one the
     report has ids only (``"token": None``). The result is JSON-serialisable; ``format_table`` renders it.
     """
-    from ..hf import _compat
+    from ..hf import compat
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
     config = getattr(peft_model, "peft_config", None)
-    if not _compat.is_peft_prompt_model(peft_model) or not config:
+    if not compat.is_peft_prompt_model(peft_model) or not config:
         raise ValueError("peft_model: expected a PEFT model with a prompt-learning adapter, "
                          f"got {type(peft_model).__name__}")
-    config = _compat.adapter_config(peft_model, adapter)
-    method = _compat.peft_type_name(config)
+    config = compat.adapter_config(peft_model, adapter)
+    method = compat.peft_type_name(config)
     if method not in EMBEDDING_TYPES + PREFIX_TYPES:
         raise ValueError(f"peft_model: adapter type {method} is not one inspect handles "
                          f"(expected one of {EMBEDDING_TYPES + PREFIX_TYPES})")
     base = peft_model.get_base_model()
     report: Dict[str, Any] = {
         "adapter_type": method,
-        "task_type": _compat.task_type_name(config),
+        "task_type": compat.task_type_name(config),
         "num_virtual_tokens": int(config.num_virtual_tokens),
         "model_type": getattr(getattr(base, "config", None), "model_type", None),
         "top_k": top_k,
     }
-    encoder = _compat.prompt_encoder(peft_model, adapter)
+    encoder = compat.prompt_encoder(peft_model, adapter)
     with torch.no_grad(), _eval_mode(encoder):
         if method in EMBEDDING_TYPES:
             report.update(_embedding_report(peft_model, base, config, tokenizer, top_k, adapter))
@@ -266,7 +266,7 @@ def load(adapter: str, model: Optional[str] = None):
     """
     from peft import PeftConfig
 
-    from ..hf import _compat
+    from ..hf import compat
 
     if not os.path.isdir(adapter):
         raise InspectError(f"adapter directory {adapter!r} does not exist")
@@ -277,7 +277,7 @@ def load(adapter: str, model: Optional[str] = None):
         config = PeftConfig.from_pretrained(adapter)
     except (OSError, ValueError, TypeError) as error:
         raise InspectError(f"cannot read the adapter config in {adapter!r}: {_first_line(error)}") from None
-    method = _compat.peft_type_name(config)
+    method = compat.peft_type_name(config)
     if not config.is_prompt_learning:
         raise InspectError(f"{adapter!r} holds a {method} adapter, not a prompt-learning adapter "
                            f"(expected one of {EMBEDDING_TYPES + PREFIX_TYPES})")
@@ -302,9 +302,9 @@ def _load_model(adapter: str, model: str, config):
     import transformers
     from peft import PeftModel
 
-    from ..hf import _compat
+    from ..hf import compat
 
-    task = _compat.task_type_name(config)
+    task = compat.task_type_name(config)
     auto = {"CAUSAL_LM": transformers.AutoModelForCausalLM,
             "SEQ_CLS": transformers.AutoModelForSequenceClassification,
             "TOKEN_CLS": transformers.AutoModelForTokenClassification,

@@ -116,9 +116,9 @@ def _load_model(settings: TrainSettings, kind: str, labels):
             id2label={i: str(label) for i, label in enumerate(labels)},
             label2id={str(label): i for i, label in enumerate(labels)})
     else:
-        from ..hf import _compat
+        from ..hf import compat
 
-        if _compat.is_masked_lm_family(config.model_type):
+        if compat.is_masked_lm_family(config.model_type):
             raise TrainError(f"--data {settings.data}: {kind!r} data needs a causal decoder, and {settings.model} is "
                              f"a {config.model_type} encoder (encoders train on {{\"text\", \"label\"}} lines)")
         try:
@@ -214,7 +214,7 @@ def set_up(settings: TrainSettings) -> Run:
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad
-    text_config = hf._compat.text_config(model)
+    text_config = hf.compat.text_config(model)
     positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     longest_prompt = max(c.num_virtual_tokens for c in candidates)
     if settings.max_length is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-from ..serving.adapters import AdapterError, ModelShape, check_fits, read_peft_directory
+from ..adapters import AdapterError, ModelShape, check_fits, read_peft_directory
 from .table import TABLE, Entry, check_name
 
 ADAPTERS_ENV = "SOFTPROMPT_VLLM_ADAPTERS"  # JSON [[name, path], ...]: registered when the API server starts

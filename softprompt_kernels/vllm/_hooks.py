@@ -180,7 +180,7 @@ def _worker_add(self, specs: List[dict]) -> List[str]:
     global STORE
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    from ..serving.adapters import ModelShape, adapter_kv, read_peft_directory
+    from ..adapters import ModelShape, adapter_kv, read_peft_directory
 
     runner = self.model_runner
     model_config = runner.model_config
@@ -213,7 +213,7 @@ def _hf_prompt_runner(model_path: str):
     from transformers import AutoModelForCausalLM
 
     from ..hf.attention import use_softprompt_attention
-    from ..serving.adapters import hf_prompt_runner
+    from ..adapters import hf_prompt_runner
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     use_softprompt_attention(model)

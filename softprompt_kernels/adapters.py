@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..hf import _compat
+from .hf import compat
 
 
 class AdapterError(ValueError):
@@ -41,7 +41,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model_or_config) -> "ModelShape":
-        config = _compat.text_config(model_or_config)
+        config = compat.text_config(model_or_config)
         heads = config.num_attention_heads
         return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                    num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
@@ -68,7 +68,7 @@ class AdapterSource:
 
     @property
     def kind(self) -> str:
-        return "prefix" if self.method in _compat.KV_PREFIX_TYPES else "prompt"
+        return "prefix" if self.method in compat.KV_PREFIX_TYPES else "prompt"
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -108,15 +108,15 @@ def read_peft_directory(directory: str) -> AdapterSource:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"corrupt adapter_model.safetensors in {directory!r}: {exc}") from exc
-    return _source(_compat.peft_type_name(config), tensors, config, where=weights_path)
+    return _source(compat.peft_type_name(config), tensors, config, where=weights_path)
 
 
 def source_of_peft_model(peft_model) -> AdapterSource:
     """The active adapter of a PEFT model, as it would be saved."""
-    from ..hf.prompts import prompt_encoder_output, task_prompts
+    from .hf.prompts import prompt_encoder_output, task_prompts
 
-    config = _compat.active_config(peft_model)
-    method = _compat.peft_type_name(config)
+    config = compat.active_config(peft_model)
+    method = compat.peft_type_name(config)
     if method in UNSERVABLE:
         raise AdapterError(f"peft_type {method} cannot be served: {UNSERVABLE[method]}")
     with torch.no_grad():
@@ -137,7 +137,7 @@ def source_of_tensor(table: torch.Tensor, kind: str) -> AdapterSource:
 def _source(method: str, tensors: Dict[str, torch.Tensor], config, where: str) -> AdapterSource:
     if method in UNSERVABLE:
         raise AdapterError(f"peft_type {method} cannot be served: {UNSERVABLE[method]}")
-    if method not in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING") + _compat.KV_PREFIX_TYPES:
+    if method not in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING") + compat.KV_PREFIX_TYPES:
         raise AdapterError(f"peft_type {method} is not a prompt-learning adapter that can be served")
     if "prompt_embeddings" not in tensors:
         raise AdapterError(f"{where} has no 'prompt_embeddings' tensor (keys: {sorted(tensors)})")
@@ -198,7 +198,7 @@ def prompt_kv(prompt: torch.Tensor, run_prompt: PromptRunner) -> AdapterKV:
 
 def hf_prompt_runner(model) -> PromptRunner:
     """Runs prompts through a Hugging Face causal LM that is on softprompt attention (PromptBank's model)."""
-    from ..hf.prompts import run_prompt_once
+    from .hf.prompts import run_prompt_once
 
     weight = model.get_input_embeddings().weight
 
