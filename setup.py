@@ -37,10 +37,11 @@ def _want_cuda():
 
 def _extension():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    cpu_sources = ["csrc/bindings.cpp", "csrc/prompt_insertion_bindings.cpp"] + _sources("csrc/cpu/*.cpp")
+    # one binding file per op (CPU and, in a CUDA build, CUDA kernels registered per dispatch key) + the kernels
+    cpu_sources = ["csrc/module.cpp", "csrc/prefix_attention/ops.cpp", "csrc/prompt_insertion/ops.cpp"] + \
+        _sources("csrc/cpu/*.cpp")
     if _want_cuda():
-        cuda_sources = ["csrc/cuda_bindings.cpp"] + _sources("csrc/cuda/**/*.cu")
-        cuda_sources = [s for s in cuda_sources if os.path.exists(os.path.join(ROOT, s))]
+        cuda_sources = _sources("csrc/cuda/**/*.cu")
         return CUDAExtension(
             "softprompt_kernels._C",
             cpu_sources + cuda_sources,

@@ -20,12 +20,12 @@ if grep -qi "deprecat" "$work/sdist.log"; then grep -i -B2 -A2 "deprecat" "$work
 import sys, tarfile, zipfile
 wheel, sdist = sys.argv[1:]
 names = zipfile.ZipFile(wheel).namelist()
-for needed in ("softprompt_kernels/triton/op.py", "softprompt_kernels/hf/compat.py", "softprompt_kernels/bench/run.py",
+for needed in ("softprompt_kernels/ops/prefix_attention/triton.py", "softprompt_kernels/hf/compat.py", "softprompt_kernels/bench/run.py",
                "softprompt_kernels/serving/bank.py"):
     assert needed in names, f"{needed} missing from the wheel"
 assert any(n.startswith("softprompt_kernels/_C") and n.endswith(".so") for n in names), "no _C extension in the wheel"
 members = tarfile.open(sdist).getnames()
-for needed in ("csrc/bindings.cpp", "csrc/cuda/decode_kernel.cuh", "csrc/cuda_forward.h", "LICENSE", "setup.py"):
+for needed in ("csrc/prefix_attention/ops.cpp", "csrc/cuda/decode_kernel.cuh", "csrc/prefix_attention/cuda_forward.h", "csrc/op_args.h", "LICENSE", "setup.py"):
     assert any(m.endswith("/" + needed) for m in members), f"{needed} missing from the sdist"
 print(f"wheel: {len(names)} files; sdist: {len(members)} members")
 PY

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles every csrc/**/*.cu for sm_80 and sm_90 with the machine's nvcc (compile only), printing
 # ptxas' register / shared-memory / spill figures per kernel, and fails on any error, warning or
-# spill. Then syntax-checks the CUDA branches of the binding files (csrc/*.cpp with
+# spill. Then syntax-checks the CUDA branches of the binding files (csrc/*/ops.cpp with
 # SOFTPROMPT_WITH_CUDA) against the installed torch headers, since a CPU machine cannot build them.
 # Kernel sources include no torch headers.
 set -euo pipefail
@@ -53,7 +53,7 @@ printf '#include <cstdio>\n#include "cuda/prefill_params.h"\nusing namespace sof
 
 torch_includes=$("$PYTHON" -c "import sysconfig; from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))")
 cuda_include=$("$PYTHON" -c "from torch.utils.cpp_extension import CUDA_HOME; print((CUDA_HOME or '/usr/local/cuda') + '/include')")
-for binding in csrc/*.cpp; do
+for binding in csrc/*.cpp csrc/*/ops.cpp; do
   if grep -q "SOFTPROMPT_WITH_CUDA\|cuda" "$binding"; then
     if g++ -std=c++17 -fsyntax-only -DSOFTPROMPT_WITH_CUDA -Icsrc -I.ci/syntax_stubs -I"$cuda_include" \
         $torch_includes "$binding" 2>"$out/syntax.log"; then

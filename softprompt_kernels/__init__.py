@@ -1,10 +1,8 @@
 """softprompt-kernels: fused kernels and PyTorch ops for soft-prompt methods over frozen models."""
-from ._validation import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError
 from ._version import __version__
-from .attention import not_supported_reasons, prefix_attention, resolve_backend
-from .backends import PRIORITY, PerformanceWarning, available_backends, backend_status
-from .insertion import insert_prompt
-from .triton.op import prefix_grad_mode, set_prefix_grad_mode
+from .errors import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError
+from .ops import (PRIORITY, PerformanceWarning, available_backends, backend_status, insert_prompt,
+                  not_supported_reasons, prefix_attention, prefix_grad_mode, resolve_backend, set_prefix_grad_mode)
 
 # Loaded on first use: the Hugging Face layer imports transformers and PEFT.
 _LAZY = {"hf": None, "PromptBank": "serving", "AdapterError": "serving", "accelerate": "hf", "restore": "hf",

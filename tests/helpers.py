@@ -6,6 +6,9 @@ import torch
 
 import softprompt_kernels as sk
 from oracle import oracle_prefix_attention
+from softprompt_kernels.ops.prefix_attention.contract import BACKWARD_LEADING, BACKWARD_TRAILING, CONTRACT
+
+TENSOR_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
 @dataclass
@@ -61,6 +64,24 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", requires_grad=Tru
     if case.prefix_offsets is not None:
         kwargs["prefix_offsets"] = torch.tensor(case.prefix_offsets, dtype=torch.long, device=device)
     return tensors, kwargs
+
+
+def forward_op_args(tensors, **named):
+    """The compiled forward ops' positional arguments (their order is the contract's) from the five tensors and
+    the other arguments by name; scale defaults to 0.5."""
+    named.setdefault("scale", 0.5)
+    return CONTRACT.positional({**dict(zip(TENSOR_NAMES, tensors)), **named})
+
+
+def backward_op_args(extra=(), **named):
+    """The compiled backward ops' positional arguments from every argument by name (grad_out, out, lse, the
+    forward's arguments, ...); ``extra``: a backend's own trailing arguments (Triton's ``deterministic``)."""
+    return CONTRACT.positional(named, BACKWARD_LEADING, (*BACKWARD_TRAILING, *extra))
+
+
+def backward_op_named(args, kwargs=None):
+    """A backward op call's arguments by name (as a dispatch mode sees the call)."""
+    return CONTRACT.named(args, kwargs, BACKWARD_LEADING, BACKWARD_TRAILING)
 
 
 def upstream_grad(shape, seed=123, dtype=torch.float64, device="cpu"):

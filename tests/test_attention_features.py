@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from helpers import Case, assert_matches_oracle, backend_results, make_inputs, cached_oracle_results
+from helpers import Case, assert_matches_oracle, backend_results, cached_oracle_results, forward_op_args, make_inputs
 
 BACKENDS = ["torch", "cpu", "triton"]  # triton: its interpreter on CPU tensors (conftest)
 
@@ -139,8 +139,8 @@ def test_direct_op_call_rejects_bad_values():
     tensors, _ = make_inputs(Case(2, 4, 2, 3, 5, 1, 2, 8), requires_grad=False)
     op = torch.ops.softprompt_kernels.prefix_attention_fwd
     with pytest.raises(ValueError, match="window must be >= 1"):
-        op(*tensors, None, None, None, True, 0.3, 0)
+        op(*forward_op_args(tensors, scale=0.3, window=0))
     with pytest.raises(ValueError, match="softcap must be finite and > 0"):
-        op(*tensors, None, None, None, True, 0.3, None, -2.0)
+        op(*forward_op_args(tensors, scale=0.3, softcap=-2.0))
     with pytest.raises(ValueError, match=r"sinks must have shape \[Hq=4\]"):
-        op(*tensors, None, None, None, True, 0.3, None, None, torch.zeros(2))
+        op(*forward_op_args(tensors, scale=0.3, sinks=torch.zeros(2)))

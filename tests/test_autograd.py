@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from helpers import Case, make_inputs, upstream_grad
+from helpers import Case, backward_op_args, backward_op_named, forward_op_args, make_inputs, upstream_grad
 
 BACKENDS = ["torch", "cpu"]
 
@@ -126,12 +126,13 @@ def test_gradients_of_a_subset_of_inputs_equal_the_full_backward(case, subset, b
 @pytest.mark.parametrize("seq_grads,prefix_grads", [(False, True), (True, False), (False, False)])
 def test_backward_op_returns_unwanted_gradients_empty(seq_grads, prefix_grads):
     (q, k, v, pk, pv), kw = make_inputs(GRADCHECK_CASES[0], dtype=torch.float64, requires_grad=False)
-    args = (q, k, v, pk, pv, kw["prompt_ids"], kw["prefix_lens"], kw["key_padding_mask"], kw["causal"], 0.5)
-    out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(*args)
+    named = dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, scale=0.5, **kw)
+    out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(*forward_op_args([], **named))
     grad_out = upstream_grad(out.shape)
     bwd = torch.ops.softprompt_kernels.prefix_attention_bwd
-    full = bwd(grad_out, None, q, k, v, pk, pv, *args[5:8], out, lse, kw["causal"], 0.5)
-    part = bwd(grad_out, None, q, k, v, pk, pv, *args[5:8], out, lse, kw["causal"], 0.5, seq_grads, prefix_grads)
+    full = bwd(*backward_op_args(grad_out=grad_out, grad_lse=None, out=out, lse=lse, **named))
+    part = bwd(*backward_op_args(grad_out=grad_out, grad_lse=None, out=out, lse=lse, seq_grads=seq_grads,
+                                 prefix_grads=prefix_grads, **named))
     for index, (got, exp) in enumerate(zip(part, full)):
         if (seq_grads if index < 3 else prefix_grads):
             torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-14)
@@ -150,8 +151,8 @@ def test_autograd_asks_the_cpu_backward_only_for_needed_gradients(frozen, expect
     class RecordBackwardCalls(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.softprompt_kernels.prefix_attention_bwd.default:
-                flags = tuple(args[14:16])  # the dispatcher drops trailing arguments left at their default
-                calls.append(flags + (True, True)[len(flags):])
+                named = backward_op_named(args, kwargs)
+                calls.append((named["seq_grads"], named["prefix_grads"]))
             return func(*args, **(kwargs or {}))
 
     case = GRADCHECK_CASES[0]

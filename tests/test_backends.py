@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from softprompt_kernels import _ops
+from softprompt_kernels.ops import extension
 from helpers import Case, make_inputs
 
 
 def test_this_install_has_the_cpu_extension():
     # CI builds the extension: its absence is a failure, not a skip.
-    assert _ops.extension_loaded(), _ops.EXTENSION_ERROR
+    assert extension.extension_loaded(), extension.EXTENSION_ERROR
     assert {"torch", "cpu"} <= set(sk.available_backends())
     assert sk.backend_status()["cpu"] is None
 
@@ -31,8 +31,8 @@ def test_not_supported_reasons_lists_why():
 
 
 def test_auto_warns_when_it_falls_back_to_the_torch_path(monkeypatch):
-    monkeypatch.setattr(_ops, "EXTENSION_ERROR", "pretend the extension failed to load")
-    monkeypatch.setattr("softprompt_kernels._common._warned", set())
+    monkeypatch.setattr(extension, "EXTENSION_ERROR", "pretend the extension failed to load")
+    monkeypatch.setattr("softprompt_kernels.common._warned", set())
     tensors, kwargs = make_inputs(Case(2, 2, 2, 3, 3, 1, 2, 4), requires_grad=False)
     with pytest.warns(sk.PerformanceWarning, match="falls back to the pure-PyTorch path .*pretend the extension"):
         out = sk.prefix_attention(*tensors, **kwargs)
@@ -44,14 +44,14 @@ def test_auto_warns_when_it_falls_back_to_the_torch_path(monkeypatch):
 
 
 def test_explicit_cpu_backend_without_extension_raises(monkeypatch):
-    monkeypatch.setattr(_ops, "EXTENSION_ERROR", "pretend the extension failed to load")
+    monkeypatch.setattr(extension, "EXTENSION_ERROR", "pretend the extension failed to load")
     tensors, kwargs = make_inputs(Case(2, 2, 2, 3, 3, 1, 2, 4), requires_grad=False)
     with pytest.raises(sk.BackendNotSupportedError, match="pretend the extension failed to load"):
         sk.prefix_attention(*tensors, **kwargs, backend="cpu")
 
 
 def test_priority_table_names_registered_backends_of_each_op():
-    from softprompt_kernels import backends
+    from softprompt_kernels.ops import backends
 
     for op, by_device in backends.PRIORITY.items():
         for device_type, names in by_device.items():
@@ -61,7 +61,7 @@ def test_priority_table_names_registered_backends_of_each_op():
 
 
 def test_auto_follows_the_priority_table_not_the_import_order(monkeypatch):
-    from softprompt_kernels import backends
+    from softprompt_kernels.ops import backends
 
     tensors, kwargs = make_inputs(Case(2, 2, 2, 3, 3, 1, 2, 4), requires_grad=False)
     monkeypatch.setitem(backends.PRIORITY["prefix_attention"], "cpu", ("torch", "cpu"))

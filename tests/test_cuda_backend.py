@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from softprompt_kernels import backends
-from softprompt_kernels._validation import validate_prefix_attention_args
-from softprompt_kernels.cuda_backend import CudaBackend
+from softprompt_kernels.ops import backends
+from softprompt_kernels.ops.prefix_attention import validate
+from softprompt_kernels.ops.prefix_attention.cuda import CudaBackend
 
 
 def _args(Lq=1, D=64, dtype=torch.bfloat16, requires_grad=False, device="cpu"):
@@ -16,6 +16,10 @@ def _args(Lq=1, D=64, dtype=torch.bfloat16, requires_grad=False, device="cpu"):
         return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
 
     return [rand(2, 4, Lq, D), rand(2, 2, 40, D), rand(2, 2, 40, D), rand(1, 2, 8, D), rand(1, 2, 8, D)]
+
+
+def _named(tensors):
+    return dict(zip(("q", "k", "v", "prefix_k", "prefix_v"), tensors))
 
 
 def test_cuda_backend_is_listed_with_a_reason_when_unusable():
@@ -50,8 +54,8 @@ def test_gradients_disabled_lifts_the_forward_only_refusal():
 
 def test_auto_prefers_cuda_for_decode_and_passes_prefill_to_triton():
     backend = CudaBackend()
-    decode = validate_prefix_attention_args(*_args(Lq=16))
-    prefill = validate_prefix_attention_args(*_args(Lq=17))
+    decode = validate(**_named(_args(Lq=16)))
+    prefill = validate(**_named(_args(Lq=17)))
     assert backend.auto_declines(decode) is None
     assert "triton" in backend.auto_declines(prefill)
     order = backends.PRIORITY["prefix_attention"]["cuda"]

@@ -2,7 +2,7 @@
 emulator (tests/cuda_emulation), compared with the float64 oracle. Catches indexing, masking, split
 and combine errors, and misplaced barriers (a divergent __syncthreads hangs the emulator as it would
 a GPU), on machines without a GPU. Every call goes through the CUDA binding's own dispatch
-(csrc/cuda_forward.h), so the decode/prefill choice, layouts and workspace are covered too.
+(csrc/prefix_attention/cuda_forward.h), so the decode/prefill choice, layouts and workspace are covered too.
 Real-GPU checks are in test_cuda_gpu.py."""
 import math
 
@@ -82,8 +82,7 @@ DECODE_CASES = [
 def test_decode_kernel_matches_oracle(emulated, name, shape, causal, splits, extra, dtype):
     tensors, kwargs = _case(*shape, dtype, **extra)
     scale = shape[-1] ** -0.5
-    out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"],
-                                       kwargs["key_padding_mask"], causal, scale, splits, 4)
+    out, lse = emulated.forward(*tensors, **kwargs, causal=causal, scale=scale, num_splits=splits, num_sms=4)
     _check(out, lse, tensors, kwargs, causal, dtype)
 
 
@@ -105,8 +104,7 @@ def test_decode_kernel_features_match_oracle(emulated, name, shape, causal, _, e
         features["sinks"] = torch.randn(shape[1], generator=torch.Generator().manual_seed(9))
     if features.pop("offsets", False):  # each row's prefix after some of its keys (serving's left padding)
         features["prefix_offsets"] = torch.arange(shape[0]) * 7 % (shape[4] + 1)
-    out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"], kwargs["key_padding_mask"],
-                                causal, shape[-1] ** -0.5, splits, 4, **features)
+    out, lse = emulated.forward(*tensors, **kwargs, causal=causal, num_splits=splits, num_sms=4, **features)
     if "sinks" in features:  # a query that sees nothing has lse = its sink, not -inf
         ref_out, ref_lse = oracle_prefix_attention(*tensors, causal=causal, **kwargs, **features)
         assert (out.double() - ref_out).abs().max().item() <= 1e-2
@@ -119,7 +117,8 @@ def test_decode_rows_that_see_nothing_get_zeros_and_minus_inf(emulated):
     padding = torch.tensor([[False] * 20, [True] * 20])
     tensors, kwargs = _case(2, 2, 2, 1, 20, 1, 4, 64, torch.bfloat16, prompt_ids=[-1, 0], padding=padding)
     for splits in (1, 2):
-        out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], None, padding, True, 0.125, splits, 1)
+        out, lse = emulated.forward(*tensors, prompt_ids=kwargs["prompt_ids"], key_padding_mask=padding, causal=True,
+                                    scale=0.125, num_splits=splits, num_sms=1)
         assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
         _check(out, lse, tensors, kwargs, True, torch.bfloat16)
 
@@ -127,7 +126,7 @@ def test_decode_rows_that_see_nothing_get_zeros_and_minus_inf(emulated):
 def test_decode_out_of_range_prompt_gives_nan_rows_not_a_crash(emulated):
     tensors, _ = _case(2, 2, 1, 1, 16, 2, 4, 64, torch.bfloat16)
     for splits in (1, 2):
-        out, lse = emulated.forward(*tensors, torch.tensor([0, 7]), None, None, True, 0.125, splits, 1)
+        out, lse = emulated.forward(*tensors, prompt_ids=torch.tensor([0, 7]), scale=0.125, num_splits=splits, num_sms=1)
         assert torch.isnan(out[1].float()).all() and torch.isnan(lse[1]).all()
         assert torch.isfinite(out[0].float()).all()
 
@@ -142,10 +141,10 @@ def test_cases_cover_both_sides_of_the_decode_prefill_choice(emulated):
 def test_dispatch_rejects_what_the_kernels_cannot_run(emulated):
     tensors, _ = _case(1, 2, 1, 1, 8, 1, 2, 64, torch.bfloat16)
     with pytest.raises(TypeError, match="bfloat16 or float16"):
-        emulated.forward(*(t.float() for t in tensors), None, None, None, True, 0.1, 0, 4)
+        emulated.forward(*(t.float() for t in tensors), scale=0.1)
     tensors, _ = _case(1, 2, 1, 1, 8, 1, 2, 32, torch.bfloat16)
     with pytest.raises(ValueError, match="head dims 64, 128 and 256"):
-        emulated.forward(*tensors, None, None, None, True, 0.1, 0, 4)
+        emulated.forward(*tensors, scale=0.1)
 
 
 def test_decode_plan_fills_the_gpu_and_keeps_splits_long(emulated):
@@ -173,16 +172,16 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("name, shape, causal, extra", PREFILL_CASES, ids=[c[0] for c in PREFILL_CASES])
 def test_prefill_kernel_matches_oracle(emulated, name, shape, causal, extra, dtype):
     tensors, kwargs = _case(*shape, dtype, **extra)
-    out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], kwargs["prefix_lens"],
-                                        kwargs["key_padding_mask"], causal, shape[-1] ** -0.5, 0, 4)
+    out, lse = emulated.forward(*tensors, **kwargs, causal=causal)
     _check(out, lse, tensors, kwargs, causal, dtype, probabilities_rounded=True)
 
 
 def test_prefill_rows_that_see_nothing_and_bad_prompts(emulated):
     padding = torch.tensor([[False] * 18, [True] * 18, [True] * 18])
     tensors, kwargs = _case(3, 2, 1, 18, 18, 1, 4, 64, torch.bfloat16, prompt_ids=[-1, 0, 0], padding=padding)
-    out, lse = emulated.forward(*tensors, kwargs["prompt_ids"], None, padding, False, 0.125, 0, 4)
+    out, lse = emulated.forward(*tensors, prompt_ids=kwargs["prompt_ids"], key_padding_mask=padding, causal=False,
+                                scale=0.125)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
     _check(out, lse, tensors, kwargs, False, torch.bfloat16, probabilities_rounded=True)
-    out, lse = emulated.forward(*tensors, torch.tensor([0, 3, -1]), None, None, True, 0.125, 0, 4)
+    out, lse = emulated.forward(*tensors, prompt_ids=torch.tensor([0, 3, -1]), scale=0.125)
     assert torch.isnan(out[1].float()).all() and torch.isfinite(out[0].float()).all()

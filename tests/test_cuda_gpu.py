@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from helpers import assert_flash_rule, gpu_inputs
+from helpers import assert_flash_rule, forward_op_args, gpu_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -117,7 +117,7 @@ def test_training_through_cuda_is_refused_with_a_pointer_to_triton():
     tensors = [t.requires_grad_() for t in tensors]
     with pytest.raises(sk.BackendNotSupportedError, match="forward-only"):
         sk.prefix_attention(*tensors, **kwargs, backend="cuda")
-    out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(*tensors, None, None, None, True, 0.125)
+    out, lse = torch.ops.softprompt_kernels.prefix_attention_fwd(*forward_op_args(tensors, scale=0.125))
     with pytest.raises(NotImplementedError, match="forward-only"):
         out.float().sum().backward()
 
@@ -141,4 +141,4 @@ def test_bad_inputs_are_refused_with_clear_messages(change, match):
 def test_direct_op_calls_are_checked_in_cpp(change, match):
     tensors, _ = _inputs((1, 2, 2, 1, 16, 1, 2, 128, True, False, False), torch.bfloat16)
     with pytest.raises((ValueError, TypeError, NotImplementedError, RuntimeError), match=match):
-        torch.ops.softprompt_kernels.prefix_attention_fwd(*change(tensors), None, None, None, True, 0.125)
+        torch.ops.softprompt_kernels.prefix_attention_fwd(*forward_op_args(change(tensors), scale=0.125))

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from helpers import Case, make_inputs
-from softprompt_kernels import _ops
+from helpers import Case, backward_op_args, forward_op_args, make_inputs
+from softprompt_kernels.ops import extension
 from softprompt_kernels.triton.common import TRITON_IMPORT_ERROR, interpreting
+
+if TRITON_IMPORT_ERROR is None:
+    from softprompt_kernels.ops.prefix_attention.triton import DETERMINISTIC
 
 OPS = torch.ops.softprompt_kernels
 CUDA = torch.cuda.is_available()
@@ -31,17 +34,22 @@ OFFSETS = torch.tensor([2, 0])  # CASES[0] has two rows of five keys
 checked_ops = set()
 
 
-def _args(case, dtype, device="cpu"):
+def _named(case, dtype, device="cpu", **extra):
+    """A forward call's arguments by name (scale 0.3)."""
     (q, k, v, pk, pv), kw = make_inputs(case, dtype=dtype, device=device)
-    return (q, k, v, pk, pv, kw.get("prompt_ids"), kw.get("prefix_lens"), kw.get("key_padding_mask"),
-            kw["causal"], 0.3)
+    return dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, scale=0.3, **kw, **extra)
 
 
-def _backward_args(forward_op, args):
-    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    out, lse = forward_op(*detached)
-    q, k, v, pk, pv, ids, lens, mask, causal, scale = detached
-    return (torch.randn_like(out), torch.randn_like(lse), q, k, v, pk, pv, ids, lens, mask, out, lse, causal, scale)
+def _args(case, dtype, device="cpu", **extra):
+    return forward_op_args([], **_named(case, dtype, device, **extra))
+
+
+def _backward_args(forward_op, named, extra=(), **flags):
+    """A backward call's arguments: the forward run on ``named`` (detached), random upstream gradients."""
+    detached = {name: a.detach() if isinstance(a, torch.Tensor) else a for name, a in named.items()}
+    out, lse = forward_op(*forward_op_args([], **detached))
+    return backward_op_args(extra, grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse), out=out, lse=lse,
+                            **detached, **flags)
 
 
 def _opcheck(name, args):
@@ -59,20 +67,17 @@ def test_cpu_prefix_attention_fwd(case, dtype):
 
 @pytest.mark.parametrize("window, softcap, sinks", FEATURES, ids=str)
 def test_cpu_prefix_attention_features(window, softcap, sinks):
-    args = _args(CASES[0], torch.float32)
-    sinks_t = torch.randn(CASES[0].Hq, requires_grad=True) if sinks else None
-    offsets = OFFSETS if window is not None else None
-    _opcheck("prefix_attention_fwd", (*args, window, softcap, sinks_t, offsets))
-    detached_sinks = None if sinks_t is None else sinks_t.detach()
-    backward_args = _backward_args(lambda *a: OPS.prefix_attention_fwd(*a, window, softcap, detached_sinks, offsets),
-                                   args)
-    _opcheck("prefix_attention_bwd", (*backward_args, True, True, window, softcap, offsets))
+    features = dict(window=window, softcap=softcap, sinks=torch.randn(CASES[0].Hq, requires_grad=True) if sinks
+                    else None, prefix_offsets=OFFSETS if window is not None else None)
+    named = _named(CASES[0], torch.float32, **features)
+    _opcheck("prefix_attention_fwd", forward_op_args([], **named))
+    _opcheck("prefix_attention_bwd", _backward_args(OPS.prefix_attention_fwd, named))
 
 
 @pytest.mark.parametrize("wanted", WANTED, ids=str)
 def test_cpu_prefix_attention_bwd(wanted):
-    _opcheck("prefix_attention_bwd", (*_backward_args(OPS.prefix_attention_fwd, _args(CASES[0], torch.float32)),
-                                      *wanted))
+    _opcheck("prefix_attention_bwd", _backward_args(OPS.prefix_attention_fwd, _named(CASES[0], torch.float32),
+                                                    seq_grads=wanted[0], prefix_grads=wanted[1]))
 
 
 @pytest.mark.parametrize("case", [dict(), dict(k=0), dict(n=0), dict(prompt_dtype=torch.float64)], ids=str)
@@ -113,21 +118,21 @@ def test_triton_prefix_attention_fwd(case):
 @triton_only
 def test_triton_prefix_attention_features():
     dtype = torch.bfloat16 if _triton_device() == "cuda" else torch.float32
-    args = _args(CASES[0], dtype, _triton_device())
-    sinks = torch.randn(CASES[0].Hq, device=_triton_device(), requires_grad=True)
-    offsets = OFFSETS.to(_triton_device())
-    _opcheck("triton_prefix_attention_fwd", (*args, 2, 1.5, sinks, offsets))
-    backward_args = _backward_args(lambda *a: OPS.triton_prefix_attention_fwd(*a, 2, 1.5, sinks.detach(), offsets),
-                                   args)
-    _opcheck("triton_prefix_attention_bwd", (*backward_args, True, True, True, 2, 1.5, offsets))
+    named = _named(CASES[0], dtype, _triton_device(), window=2, softcap=1.5,
+                   sinks=torch.randn(CASES[0].Hq, device=_triton_device(), requires_grad=True),
+                   prefix_offsets=OFFSETS.to(_triton_device()))
+    _opcheck("triton_prefix_attention_fwd", forward_op_args([], **named))
+    _opcheck("triton_prefix_attention_bwd", _backward_args(OPS.triton_prefix_attention_fwd, named, DETERMINISTIC,
+                                                           deterministic=True))
 
 
 @triton_only
 @pytest.mark.parametrize("wanted", WANTED, ids=str)
 def test_triton_prefix_attention_bwd(wanted):
     dtype = torch.bfloat16 if _triton_device() == "cuda" else torch.float32
-    args = _backward_args(OPS.triton_prefix_attention_fwd, _args(CASES[0], dtype, _triton_device()))
-    _opcheck("triton_prefix_attention_bwd", (*args, True, *wanted))
+    args = _backward_args(OPS.triton_prefix_attention_fwd, _named(CASES[0], dtype, _triton_device()), DETERMINISTIC,
+                          deterministic=True, seq_grads=wanted[0], prefix_grads=wanted[1])
+    _opcheck("triton_prefix_attention_bwd", args)
 
 
 # --- prefix-only attention (Lk = 0, non-causal: docs/DESIGN.md section 2) on both op pairs
@@ -137,18 +142,21 @@ PREFIX_ONLY = Case(3, 4, 2, 5, 0, 2, 4, 8, causal=False, prompt_ids=[1, -1, 0], 
 
 @pytest.mark.parametrize("wanted", WANTED, ids=str)
 def test_cpu_prefix_only_attention(wanted):
-    args = _args(PREFIX_ONLY, torch.float32)
-    _opcheck("prefix_attention_fwd", args)
-    _opcheck("prefix_attention_bwd", (*_backward_args(OPS.prefix_attention_fwd, args), *wanted))
+    named = _named(PREFIX_ONLY, torch.float32)
+    _opcheck("prefix_attention_fwd", forward_op_args([], **named))
+    _opcheck("prefix_attention_bwd", _backward_args(OPS.prefix_attention_fwd, named, seq_grads=wanted[0],
+                                                    prefix_grads=wanted[1]))
 
 
 @triton_only
 @pytest.mark.parametrize("wanted", WANTED, ids=str)
 def test_triton_prefix_only_attention(wanted):
     dtype = torch.bfloat16 if _triton_device() == "cuda" else torch.float32
-    args = _args(PREFIX_ONLY, dtype, _triton_device())
-    _opcheck("triton_prefix_attention_fwd", args)
-    _opcheck("triton_prefix_attention_bwd", (*_backward_args(OPS.triton_prefix_attention_fwd, args), True, *wanted))
+    named = _named(PREFIX_ONLY, dtype, _triton_device())
+    _opcheck("triton_prefix_attention_fwd", forward_op_args([], **named))
+    _opcheck("triton_prefix_attention_bwd", _backward_args(OPS.triton_prefix_attention_fwd, named, DETERMINISTIC,
+                                                           deterministic=True, seq_grads=wanted[0],
+                                                           prefix_grads=wanted[1]))
 
 
 # --- CUDA kernels (GPU only; the device script runs these)
@@ -157,13 +165,13 @@ def test_triton_prefix_only_attention(wanted):
 @pytest.mark.gpu
 @pytest.mark.parametrize("Lq", [1, 16, 40], ids=["decode", "decode-16", "prefill"])
 def test_cuda_prefix_attention_fwd(Lq):
-    if not _ops.extension_has_cuda():
+    if not extension.extension_has_cuda():
         pytest.fail("softprompt_kernels._C was built without CUDA sources on a machine with a GPU")
     case = Case(2, 4, 2, Lq, 48, 2, 5, 64, prompt_ids=[1, -1], prefix_lens=[5, 2])
     _opcheck("prefix_attention_fwd", _args(case, torch.bfloat16, "cuda"))
     if Lq <= 16:  # the decode kernel has the modern-attention features (prefill goes to Triton for them)
         sinks = torch.randn(4, device="cuda")
-        _opcheck("prefix_attention_fwd", (*_args(case, torch.bfloat16, "cuda"), 7, 1.5, sinks))
+        _opcheck("prefix_attention_fwd", _args(case, torch.bfloat16, "cuda", window=7, softcap=1.5, sinks=sinks))
 
 
 @gpu

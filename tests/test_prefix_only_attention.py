@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
-from helpers import Case, assert_matches_oracle, backend_results, make_inputs, cached_oracle_results
+from helpers import Case, assert_matches_oracle, backend_results, cached_oracle_results, forward_op_args, make_inputs
 from softprompt_kernels import InvalidArgumentError
 
 BACKENDS = ["torch", "cpu", "triton"]  # triton: its interpreter on CPU tensors (conftest)
@@ -107,7 +107,8 @@ def test_lq_above_a_nonzero_lk_is_still_rejected():
 def test_direct_cpu_op_call_rejects_causal_or_windowed_prefix_only(window):
     q, k, v, pk, pv = _prefix_only_args()
     with pytest.raises(ValueError, match=r"q length \(3\) must not exceed k length \(0\) unless k is empty"):
-        torch.ops.softprompt_kernels.prefix_attention_fwd(q, k, v, pk, pv, None, None, None, window is None, 0.3,
-                                                          window)
-    out, _ = torch.ops.softprompt_kernels.prefix_attention_fwd(q, k, v, pk, pv, None, None, None, False, 0.3)
+        torch.ops.softprompt_kernels.prefix_attention_fwd(*forward_op_args([q, k, v, pk, pv], causal=window is None,
+                                                                           scale=0.3, window=window))
+    out, _ = torch.ops.softprompt_kernels.prefix_attention_fwd(*forward_op_args([q, k, v, pk, pv], causal=False,
+                                                                                scale=0.3))
     assert out.shape == q.shape

@@ -7,9 +7,10 @@ import torch
 
 import softprompt_kernels as sk
 from softprompt_kernels import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError, PerformanceWarning
-from softprompt_kernels import _insertion_ops, backends
+from softprompt_kernels.ops import backends
+from softprompt_kernels.ops.insert_prompt import fused
 
-CPU_FUSED = _insertion_ops.unavailable_reason("cpu")
+CPU_FUSED = fused.unavailable_reason("cpu")
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(CPU_FUSED is not None, reason=str(CPU_FUSED)))]
 # Largest relative error of a value or gradient summed (or rounded) in each dtype: torch's embedding_backward
 # adds repeated ids in the weight's dtype, a few roundings in bfloat16.
@@ -137,7 +138,7 @@ def test_auto_warns_when_the_fused_kernel_refuses(monkeypatch):
     ids, weight, prompt = make()
     cpu = backends.get_backend("cpu", "insert_prompt")
     monkeypatch.setattr(cpu, "not_supported_reasons", lambda inputs: ["refused for the test"])
-    monkeypatch.setattr("softprompt_kernels._common._warned", set())
+    monkeypatch.setattr("softprompt_kernels.common._warned", set())
     with pytest.warns(PerformanceWarning, match="refused for the test"):
         out = sk.insert_prompt(ids, weight, prompt)
     assert torch.equal(out, oracle(ids, weight, prompt).float())
@@ -277,7 +278,7 @@ def test_ops_reject_bad_arguments_directly(call, match):
 
 # --- insert_prompts: a prompt per row (multitask prompt tuning), one insert_prompt call per distinct prompt
 
-from softprompt_kernels.insertion import insert_prompts  # noqa: E402
+from softprompt_kernels.ops import insert_prompts  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ import torch
 
 import softprompt_kernels as sk
 from helpers import assert_flash_rule
-from softprompt_kernels import BackendNotSupportedError, InvalidArgumentError, PerformanceWarning, _common
+from softprompt_kernels import BackendNotSupportedError, InvalidArgumentError, PerformanceWarning, common
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 OPS = torch.ops.softprompt_kernels
@@ -95,7 +95,7 @@ def test_cuda_auto_picks_fused_and_falls_back_for_float64():
     ids, weight, prompt = make(dtype=torch.float32)
     out = sk.insert_prompt(ids, weight, prompt.requires_grad_())
     assert "insert_prompt_fwd" in type(out.grad_fn).__name__
-    _common._warned.clear()
+    common._warned.clear()
     with pytest.warns(PerformanceWarning, match="float64"):
         out = sk.insert_prompt(ids, weight.double(), prompt)
     assert torch.equal(out, oracle(ids, weight, prompt))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import softprompt_kernels as sk
+from helpers import TENSOR_NAMES, forward_op_args
 from softprompt_kernels import BackendNotSupportedError, InvalidArgumentError, InvalidDtypeError
 
 B, HQ, HKV, LQ, LK, P, K, D = 2, 4, 2, 3, 5, 2, 3, 8
@@ -120,8 +121,8 @@ OP = torch.ops.softprompt_kernels.prefix_attention_fwd
 
 def op_args(**over):
     a = args(**over)
-    return [a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], a["prompt_ids"], over.get("prefix_lens"),
-            over.get("key_padding_mask"), True, 0.5]
+    return forward_op_args([a[name] for name in TENSOR_NAMES], prompt_ids=a["prompt_ids"],
+                           prefix_lens=over.get("prefix_lens"), key_padding_mask=over.get("key_padding_mask"))
 
 
 @pytest.mark.parametrize("over, match", [

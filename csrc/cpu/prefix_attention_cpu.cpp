@@ -15,6 +15,8 @@
 // Block products go through blas.h; the softmax rows through row_math.h.
 #include "prefix_attention_cpu.h"
 
+#include "float_types.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -519,10 +521,7 @@ void prefix_attention_backward(const PrefixAttentionGradParams& p) {
 #define SOFTPROMPT_INSTANTIATE(T)                                              \
   template void prefix_attention_forward<T>(const PrefixAttentionParams&); \
   template void prefix_attention_backward<T>(const PrefixAttentionGradParams&);
-SOFTPROMPT_INSTANTIATE(float)
-SOFTPROMPT_INSTANTIATE(double)
-SOFTPROMPT_INSTANTIATE(c10::BFloat16)
-SOFTPROMPT_INSTANTIATE(c10::Half)
+SOFTPROMPT_FOR_CPU_FLOAT_TYPES(SOFTPROMPT_INSTANTIATE)
 #undef SOFTPROMPT_INSTANTIATE
 
 }  // namespace softprompt::cpu

@@ -7,7 +7,7 @@
 // (GQA without repeating K/V).
 #pragma once
 
-#include "../prefix_attention_params.h"
+#include "../prefix_attention/params.h"
 
 namespace softprompt::cpu {
 

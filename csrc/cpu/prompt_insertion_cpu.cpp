@@ -6,6 +6,8 @@
 // over b in order inside them, so the result does not depend on the thread count.
 #include "prompt_insertion_cpu.h"
 
+#include "float_types.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -82,10 +84,7 @@ void insert_prompt_backward(const InsertPromptGradParams& p) {
 #define SOFTPROMPT_INSTANTIATE(T)                                        \
   template void insert_prompt_forward<T>(const InsertPromptParams&);     \
   template void insert_prompt_backward<T>(const InsertPromptGradParams&);
-SOFTPROMPT_INSTANTIATE(float)
-SOFTPROMPT_INSTANTIATE(double)
-SOFTPROMPT_INSTANTIATE(c10::BFloat16)
-SOFTPROMPT_INSTANTIATE(c10::Half)
+SOFTPROMPT_FOR_CPU_FLOAT_TYPES(SOFTPROMPT_INSTANTIATE)
 #undef SOFTPROMPT_INSTANTIATE
 
 }  // namespace softprompt::cpu

@@ -5,7 +5,7 @@
 // the batch. The ids must already be range-checked (the binding does it).
 #pragma once
 
-#include "../prompt_insertion_params.h"
+#include "../prompt_insertion/params.h"
 
 namespace softprompt::cpu {
 

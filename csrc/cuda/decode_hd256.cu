@@ -1,9 +1,5 @@
-// Instantiations of the decode kernels for head dim 256 (one file per head dim keeps builds parallel).
+// The decode kernels for head dim 256 (one file per head dim keeps builds parallel).
+#include "cuda/head_dim_dispatch.h"
 #include "cuda/decode_kernel.cuh"
 
-namespace softprompt {
-namespace cuda {
-template cudaError_t run_prefix_decode<__nv_bfloat16, 256>(const DecodeParams&, cudaStream_t);
-template cudaError_t run_prefix_decode<__half, 256>(const DecodeParams&, cudaStream_t);
-}  // namespace cuda
-}  // namespace softprompt
+SOFTPROMPT_INSTANTIATE_HALF_TYPES(run_prefix_decode, DecodeParams, 256)

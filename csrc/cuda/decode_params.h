@@ -13,7 +13,7 @@
 
 #include <cstdint>
 
-#include "prefix_attention_params.h"
+#include "prefix_attention/params.h"
 
 namespace softprompt {
 namespace cuda {
@@ -44,6 +44,15 @@ inline int decode_query_block(int64_t group, int64_t len_q) {
   return n <= 1 ? 1 : (n <= 4 ? 4 : 8);
 }
 
+// Cuts total_keys into about `splits` ranges of whole key tiles (at least one tile each).
+inline void split_keys(DecodePlan& plan, int64_t total_keys, int64_t splits) {
+  int64_t per_split = (total_keys + splits - 1) / splits;
+  per_split = (per_split + kDecodeKeyTile - 1) / kDecodeKeyTile * kDecodeKeyTile;
+  if (per_split < kDecodeKeyTile) per_split = kDecodeKeyTile;
+  plan.keys_per_split = int(per_split);
+  plan.num_splits = int(total_keys > 0 ? (total_keys + per_split - 1) / per_split : 1);
+}
+
 // Enough blocks for about two waves on num_sms, but no split shorter than two key tiles.
 inline DecodePlan plan_decode(const PrefixAttentionParams& p, int num_sms) {
   DecodePlan plan{};
@@ -57,27 +66,16 @@ inline DecodePlan plan_decode(const PrefixAttentionParams& p, int num_sms) {
   splits = splits < max_by_length ? splits : max_by_length;
   splits = splits < kDecodeMaxSplits ? splits : kDecodeMaxSplits;
   splits = splits < 1 ? 1 : splits;
-  int64_t per_split = (total_keys + splits - 1) / splits;
-  per_split = (per_split + kDecodeKeyTile - 1) / kDecodeKeyTile * kDecodeKeyTile;
-  if (per_split < kDecodeKeyTile) per_split = kDecodeKeyTile;
-  plan.keys_per_split = int(per_split);
-  plan.num_splits = int(total_keys > 0 ? (total_keys + per_split - 1) / per_split : 1);
+  split_keys(plan, total_keys, splits);
   return plan;
 }
 
 // Same plan with the split count forced (tests use it to cover the combine pass).
 inline DecodePlan plan_decode_with_splits(const PrefixAttentionParams& p, int num_splits) {
   DecodePlan plan = plan_decode(p, 1);
-  const int64_t total_keys = p.prefix_slots + p.len_k;
-  int64_t per_split = (total_keys + num_splits - 1) / num_splits;
-  per_split = (per_split + kDecodeKeyTile - 1) / kDecodeKeyTile * kDecodeKeyTile;
-  if (per_split < kDecodeKeyTile) per_split = kDecodeKeyTile;
-  plan.keys_per_split = int(per_split);
-  plan.num_splits = int(total_keys > 0 ? (total_keys + per_split - 1) / per_split : 1);
+  split_keys(plan, p.prefix_slots + p.len_k, num_splits);
   return plan;
 }
-
-enum class HalfType { kBFloat16, kFloat16 };
 
 }  // namespace cuda
 }  // namespace softprompt

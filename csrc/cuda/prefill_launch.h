@@ -1,9 +1,9 @@
 // Entry point of the CUDA prefill kernel, for the binding (no CUDA headers).
 #pragma once
 
-#include "cuda/decode_params.h"  // HalfType
+#include "cuda/head_dims.h"
 #include "cuda/prefill_params.h"
-#include "prefix_attention_params.h"
+#include "prefix_attention/params.h"
 
 typedef struct CUstream_st* cudaStream_t;
 

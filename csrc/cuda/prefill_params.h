@@ -33,7 +33,6 @@ struct PrefillTile {
   static constexpr size_t kSmemBytes = kQBytes + 2 * kKBytes + kSBytes + kPBytes + kOBytes;
 };
 
-inline bool prefill_supports_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
 
 }  // namespace cuda
 }  // namespace softprompt

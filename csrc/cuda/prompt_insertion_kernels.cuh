@@ -15,7 +15,7 @@
 #include <cstring>
 
 #include "cuda/cuda_compat.h"
-#include "prompt_insertion_params.h"
+#include "prompt_insertion/params.h"
 
 namespace softprompt {
 namespace cuda {

@@ -5,7 +5,7 @@
 // on a CPU. cudaStream_t is forward-declared exactly as cuda_runtime declares it.
 #pragma once
 
-#include "prompt_insertion_params.h"
+#include "prompt_insertion/params.h"
 
 typedef struct CUstream_st* cudaStream_t;
 

@@ -16,8 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..backends import available_backends, get_backend
-from ..insertion import insert_prompt, insert_prompt_reference, validate_insert_prompt_args
+from ..ops import insert_prompt
+from ..ops.backends import available_backends, get_backend
+from ..ops.insert_prompt import validate
+from ..ops.insert_prompt.reference import insert_prompt_reference
 from .harness import CaseSetup, Suite, Timing, timed_call
 
 BENCH = "insert_prompt"
@@ -61,7 +63,7 @@ def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup
     d_out = torch.randn(case.B, case.k + case.n, case.d, generator=gen, device=device, dtype=dtype)
     providers: Dict[str, Callable[[], Any]] = {}
     skipped: Dict[str, str] = {}
-    inputs = validate_insert_prompt_args(ids, weight, prompt)
+    inputs = validate(input_ids=ids, weight=weight, prompt=prompt)
     for name in known_providers():
         if only is not None and name not in only:
             continue

@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..insertion import insert_prompts
+from ..ops import insert_prompts
 from . import compat, adaption_prompt
 from .attention import SoftPromptContext, use_softprompt_attention
 from .families import family_of

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from ..attention import prefix_attention
+from ..ops import prefix_attention
 from . import compat
 
 _FORWARD = "forward"

@@ -16,10 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .._common import warn_once
-from .._validation import validate_prefix_attention_args
-from ..attention import prefix_attention
-from ..reference import prefix_attention_torch
+from ..common import warn_once
+from ..ops import prefix_attention
 from . import compat
 
 ATTENTION_NAME = "softprompt"
@@ -130,17 +128,9 @@ def softprompt_attention(module, query, key, value, attention_mask, dropout: flo
     features = dict(window=int(window) if window is not None else None,
                     softcap=float(softcap) if softcap is not None else None,
                     sinks=s_aux.to(query.dtype) if s_aux is not None else None, prefix_offsets=prefix_offsets)
-    if dropout > 0.0:
-        # The fused kernels have no attention dropout: train with dropout on the (exact) PyTorch path.
-        warn_once("dropout", "attention dropout > 0: softprompt attention runs the PyTorch path for it "
-                              "(the fused kernels have no dropout; set attention dropout to 0 for speed)")
-        inputs = validate_prefix_attention_args(query, key, value, prefix_k, prefix_v, prompt_ids, prefix_lens,
-                                                causal, mask, scaling, **features)
-        out, _ = prefix_attention_torch(inputs, return_lse=False, dropout_p=dropout)
-    else:
-        out = prefix_attention(query, key, value, prefix_k, prefix_v, prompt_ids=prompt_ids,
-                               prefix_lens=prefix_lens, causal=causal, key_padding_mask=mask, scale=scaling,
-                               **features)
+    # attention dropout (training) runs on the torch backend, the one with dropout: auto takes it and says why once
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, prompt_ids=prompt_ids, prefix_lens=prefix_lens,
+                           causal=causal, key_padding_mask=mask, scale=scaling, dropout_p=dropout, **features)
     return out.transpose(1, 2), None
 
 

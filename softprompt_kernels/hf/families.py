@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .._common import warn_once
+from ..common import warn_once
 from . import compat
 
 

@@ -19,8 +19,8 @@ import torch
 
 from .common import (LOG2E, NO_FEATURES, NO_WINDOW, PLAIN, TUNING_KEY, autotune_configs, head_block, interpreting, launcher,
                      length_bucket, prune_by_head_block, remember_arch, tl, triton)
-from .forward import (dot_precision, load_rows, padding_view, prefix_index_base, prompt_of_row, scores_log2,
-                      softcap_args, usable_keys, usable_prefix, window_visible)
+from .forward import (dot_precision, load_rows, padding_view, prefix_index_base, prefix_slot_range, prompt_of_row,
+                      scores_log2, sequence_key_range, softcap_args, usable_keys, usable_prefix, window_visible)
 
 # Spill-free tuning spaces (see forward.FWD_SPACE); BWD_SPACE serves the kv and prefix kernels.
 BWD_SPACE = {
@@ -134,6 +134,18 @@ def delta_kernel(OUT, DO, GRAD_LSE, DELTA,
 
 
 @triton.jit
+def queries_seeing_keys(q_lo, q_hi, first_key, last_key, causal_shift, window,
+                        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The queries of [q_lo, q_hi) that may see a block of keys of window indices first_key .. last_key (the kv
+    and prefix kernels): query m sits at m + causal_shift."""
+    if CAUSAL:  # queries before first_key - shift see none of these keys
+        q_lo = tl.maximum(q_lo, (tl.maximum(first_key - causal_shift, 0) // BLOCK_M) * BLOCK_M)
+    if HAS_WINDOW:  # nor do queries whose window ends before the block's last key
+        q_hi = tl.maximum(tl.minimum(q_hi, last_key + window - causal_shift), q_lo)
+    return q_lo, q_hi
+
+
+@triton.jit
 def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                            q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2, cap_scale, cap_log2,
                            key_index, window,
@@ -149,15 +161,16 @@ def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(q_lo, q_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Lq, offs_d, D, True,
-                      EVEN_D)
-        do = load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, Lq, offs_d, D, True,
-                       EVEN_D)
+        q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Lq, offs_d, D,
+                      MASK_ROWS=True, EVEN_D=EVEN_D)
+        do = load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, Lq, offs_d, D,
+                       MASK_ROWS=True, EVEN_D=EVEN_D)
         lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf"))
         # a query that saw nothing has lse = -inf and contributes nothing
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
-        s_t, t_t = scores_log2(k, q, scale_log2, cap_scale, cap_log2, DOT_PRECISION, HAS_SOFTCAP)
+        s_t, t_t = scores_log2(k, q, scale_log2, cap_scale, cap_log2, DOT_PRECISION=DOT_PRECISION,
+                               HAS_SOFTCAP=HAS_SOFTCAP)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, p_t, 0.0)
@@ -204,29 +217,25 @@ def prefix_attention_bwd_kv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_rows(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                  offs_n, Lk, offs_d, D, True, EVEN_D)
+                  offs_n, Lk, offs_d, D, MASK_ROWS=True, EVEN_D=EVEN_D)
     v = load_rows(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                  offs_n, Lk, offs_d, D, True, EVEN_D)
+                  offs_n, Lk, offs_d, D, MASK_ROWS=True, EVEN_D=EVEN_D)
     key_real = offs_n < Lk
     if HAS_PADDING:
         key_real = tl.load(PADDING + b * stride_pb + offs_n * stride_pn, mask=offs_n < Lk, other=0) != 0
     causal_shift = Lk - Lq
-    q_lo = 0
-    if CAUSAL:  # queries before start_n - shift see none of these keys
-        q_lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
-    q_hi = Lq
-    if HAS_WINDOW:  # nor do queries whose window ends before the block's last key
-        q_hi = tl.maximum(tl.minimum(start_n + BLOCK_N - 1 + window - causal_shift, Lq), q_lo)
+    q_lo, q_hi = queries_seeing_keys(0, Lq, start_n, start_n + BLOCK_N - 1, causal_shift, window, CAUSAL=CAUSAL,
+                                     HAS_WINDOW=HAS_WINDOW, BLOCK_M=BLOCK_M)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, group):
         h = kvh * group + g
         row = (b * Hq + h) * Lq
-        dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
-                                        DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row, stride_qm,
-                                        stride_dom, q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
-                                        cap_scale, cap_log2, offs_n, window, CAUSAL, HAS_PADDING, HAS_WINDOW,
-                                        HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
+        dk, dv = _kv_grads_over_queries(
+            dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, LSE + row,
+            DELTA + row, stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
+            cap_scale, cap_log2, offs_n, window, CAUSAL=CAUSAL, HAS_KEY_MASK=HAS_PADDING, HAS_WINDOW=HAS_WINDOW,
+            HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
     dk = dk * scale
     dst = b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     seq_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
@@ -263,32 +272,32 @@ def prefix_attention_bwd_prefix_kernel(
     bkv = tl.program_id(2)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
-    prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
+    prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS=HAS_IDS, HAS_LENS=HAS_LENS)
     start_n = tl.program_id(0) * BLOCK_N
     if start_n < n_slots:
         prompt64 = prompt.to(tl.int64)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         k = load_rows(PK + prompt64 * stride_pkp + kvh * stride_pkh + offs_n[:, None] * stride_pkn
-                      + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
+                      + offs_d[None, :], offs_n, n_slots, offs_d, D, MASK_ROWS=True, EVEN_D=EVEN_D)
         v = load_rows(PV + prompt64 * stride_pvp + kvh * stride_pvh + offs_n[:, None] * stride_pvn
-                      + offs_d[None, :], offs_n, n_slots, offs_d, D, True, EVEN_D)
-        q_lo = split * q_chunk
-        q_hi = tl.minimum(q_lo + q_chunk, Lq)
+                      + offs_d[None, :], offs_n, n_slots, offs_d, D, MASK_ROWS=True, EVEN_D=EVEN_D)
         causal_shift = Lk - Lq
-        slot_base = prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS)  # window index of slot 0
-        if HAS_WINDOW:  # queries whose window ends before the block's last slot see none
-            q_hi = tl.maximum(tl.minimum(q_hi, start_n + BLOCK_N - 1 + slot_base + window - causal_shift), q_lo)
+        slot_base = prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS=HAS_OFFSETS)  # slot 0's window index
+        q_lo, q_hi = queries_seeing_keys(split * q_chunk, tl.minimum(split * q_chunk + q_chunk, Lq),
+                                         start_n + slot_base, start_n + BLOCK_N - 1 + slot_base, causal_shift,
+                                         window, CAUSAL=False, HAS_WINDOW=HAS_WINDOW, BLOCK_M=BLOCK_M)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, group):
             h = kvh * group + g
             row = (b * Hq + h) * Lq
-            dk, dv = _kv_grads_over_queries(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
-                                            DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
-                                            stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, offs_n, causal_shift, D,
-                                            scale_log2, cap_scale, cap_log2, offs_n + slot_base, window, False, False,
-                                            HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_D)
+            dk, dv = _kv_grads_over_queries(
+                dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, LSE + row,
+                DELTA + row, stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, offs_n, causal_shift, D, scale_log2,
+                cap_scale, cap_log2, offs_n + slot_base, window, CAUSAL=False, HAS_KEY_MASK=False,
+                HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         dk = dk * scale
         slot_mask = (offs_n < n_slots)[:, None] & (offs_d < D)[None, :]
         if DETERMINISTIC:
@@ -313,11 +322,12 @@ def _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, end, offs_d, D, MASKED,
-                      EVEN_D)
-        v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, end, offs_d, D, MASKED,
-                      EVEN_D)
-        s, t = scores_log2(q, k, scale_log2, cap_scale, cap_log2, DOT_PRECISION, HAS_SOFTCAP)
+        k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, end, offs_d, D,
+                      MASK_ROWS=MASKED, EVEN_D=EVEN_D)
+        v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, end, offs_d, D,
+                      MASK_ROWS=MASKED, EVEN_D=EVEN_D)
+        s, t = scores_log2(q, k, scale_log2, cap_scale, cap_log2, DOT_PRECISION=DOT_PRECISION,
+                           HAS_SOFTCAP=HAS_SOFTCAP)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED and CAUSAL:
             p = tl.where(offs_n[None, :] <= q_pos[:, None] + causal_shift, p, 0.0)
@@ -367,9 +377,9 @@ def prefix_attention_bwd_dq_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Lq,
-                  offs_d, D, True, EVEN_D)
+                  offs_d, D, MASK_ROWS=True, EVEN_D=EVEN_D)
     do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m,
-                   Lq, offs_d, D, True, EVEN_D)
+                   Lq, offs_d, D, MASK_ROWS=True, EVEN_D=EVEN_D)
     row = bh.to(tl.int64) * Lq
     lse = tl.load(LSE + row + offs_m, mask=offs_m < Lq, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -378,39 +388,33 @@ def prefix_attention_bwd_dq_kernel(
 
     causal_shift = Lk - Lq
     reach = start_m * BLOCK_M + causal_shift - window + 1  # the smallest key index the block may see
-    prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
-    prompt = tl.maximum(prompt, 0).to(tl.int64)
-    slots_lo = 0
-    slot_base = prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS)  # window index of slot 0
-    if HAS_WINDOW:
-        slots_lo = (tl.minimum(tl.maximum(reach - slot_base, 0), n_slots) // BLOCK_N) * BLOCK_N
-    dq = _dq_over_keys(dq, q, do, lse2, delta, PK + prompt * stride_pkp + kvh * stride_pkh,
-                       PV + prompt * stride_pvp + kvh * stride_pvh, stride_pkn, stride_pvn, slots_lo, n_slots, offs_m,
-                       causal_shift, PADDING, 0, D, scale_log2, cap_scale, cap_log2, slot_base, window, True, False,
-                       False, HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    # the prefix, every visited slot block masked (one loop keeps the kernel within the register file)
+    prompt, n_slots, slot_base, slots_lo, _ = prefix_slot_range(
+        PROMPT_IDS, PREFIX_LENS, PREFIX_OFFSETS, b, K_SLOTS, reach, HAS_IDS=HAS_IDS, HAS_LENS=HAS_LENS,
+        HAS_OFFSETS=HAS_OFFSETS, HAS_WINDOW=HAS_WINDOW, BLOCK_N=BLOCK_N)
+    dq = _dq_over_keys(
+        dq, q, do, lse2, delta, PK + prompt * stride_pkp + kvh * stride_pkh, PV + prompt * stride_pvp + kvh * stride_pvh,
+        stride_pkn, stride_pvn, slots_lo, n_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2, cap_scale,
+        cap_log2, slot_base, window, MASKED=True, CAUSAL=False, HAS_PADDING=False, HAS_WINDOW=HAS_WINDOW,
+        HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
 
-    if CAUSAL:
-        free_end = tl.minimum(start_m * BLOCK_M + causal_shift + 1, Lk)
-        hi = tl.minimum((start_m + 1) * BLOCK_M + causal_shift, Lk)
-    else:
-        free_end = Lk
-        hi = Lk
-    free_end = (free_end // BLOCK_N) * BLOCK_N
+    # the row's own keys, as in the forward: unmasked blocks below the diagonal, then the masked band
+    lo, free_end, hi = sequence_key_range(start_m, causal_shift, Lk, reach, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW,
+                                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     pad_base = PADDING + b * stride_pb
-    if HAS_WINDOW:  # keys before the first query's reach are not visited; the rest is masked
-        keys_lo = (tl.minimum(tl.maximum(reach, 0), hi) // BLOCK_N) * BLOCK_N
-        dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, keys_lo, hi, offs_m,
-                           causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, True,
-                           CAUSAL, HAS_PADDING, True, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
-    else:
-        dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, free_end, offs_m,
-                           causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, False,
-                           CAUSAL, HAS_PADDING, False, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
-        dq = _dq_over_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, free_end, hi, offs_m,
-                           causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, True,
-                           CAUSAL, HAS_PADDING, False, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    if not HAS_WINDOW:
+        dq = _dq_over_keys(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, free_end, offs_m, causal_shift,
+            pad_base, stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, MASKED=False, CAUSAL=CAUSAL,
+            HAS_PADDING=HAS_PADDING, HAS_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D,
+            DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    dq = _dq_over_keys(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, free_end, hi, offs_m, causal_shift, pad_base,
+        stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, MASKED=True, CAUSAL=CAUSAL, HAS_PADDING=HAS_PADDING,
+        HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
@@ -452,8 +456,10 @@ def _bshd_empty(shape, like):
 def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens,
                          key_padding_mask, out, lse, causal: bool, scale: float, deterministic: bool = True,
                          seq_grads: bool = True, prefix_grads: bool = True, window: Optional[int] = None,
-                         softcap: Optional[float] = None, prefix_offsets: Optional[torch.Tensor] = None):
-    """Launches the backward kernels; returns (dq, dk, dv, dprefix_k, dprefix_v).
+                         softcap: Optional[float] = None, prefix_offsets: Optional[torch.Tensor] = None,
+                         sinks: Optional[torch.Tensor] = None):
+    """Launches the backward kernels; returns (dq, dk, dv, dprefix_k, dprefix_v). ``sinks`` are not read: the
+    forward's lse includes them (ops/prefix_attention/autograd.py computes their own gradient).
 
     ``seq_grads=False`` skips the dk/dv and dq kernels, ``prefix_grads=False`` the prefix kernel
     (autograd's needs_input_grad); gradients not computed come back empty, shape [0].

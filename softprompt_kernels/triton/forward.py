@@ -114,8 +114,9 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, s
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, end, offs_d, D,
-                      MASKED, EVEN_D)
-        qk, _ = scores_log2(q, k, scale_log2, cap_scale, cap_log2, DOT_PRECISION, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+                      MASK_ROWS=MASKED, EVEN_D=EVEN_D)
+        qk, _ = scores_log2(q, k, scale_log2, cap_scale, cap_log2, DOT_PRECISION=DOT_PRECISION,
+                            HAS_SOFTCAP=HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         if HAS_WINDOW:
             qk = tl.where(window_visible(q_pos + causal_shift, key_index_base + offs_n, window), qk, float("-inf"))
         if MASKED:  # one comparison per score: the row's last visible key (bounds and causality)
@@ -133,7 +134,7 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, s
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, end, offs_d, D,
-                      MASKED, EVEN_D)
+                      MASK_ROWS=MASKED, EVEN_D=EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -152,6 +153,48 @@ def prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS: tl.constexpr, HA
         n_slots = tl.full([], K_SLOTS, tl.int32)
     n_slots = tl.where(prompt >= 0, n_slots, 0)
     return prompt, n_slots
+
+
+@triton.jit
+def prefix_slot_range(PROMPT_IDS, PREFIX_LENS, PREFIX_OFFSETS, b, K_SLOTS, reach,
+                      HAS_IDS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                      HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The prefix slots a block of queries visits (forward and dq): (prompt index, n_slots, slot_base, slots_lo,
+    slots_free). Slot s has window index slot_base + s; slots before slots_lo lie before the first query's reach
+    (``reach``: the smallest key index it may see) and are skipped; [slots_lo, slots_free) need no mask (none with a
+    window) and [slots_free, n_slots) are masked."""
+    prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS=HAS_IDS, HAS_LENS=HAS_LENS)
+    prompt = tl.maximum(prompt, 0).to(tl.int64)
+    slot_base = prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS=HAS_OFFSETS)
+    if HAS_WINDOW:
+        slots_lo = (tl.minimum(tl.maximum(reach - slot_base, 0), n_slots) // BLOCK_N) * BLOCK_N
+        slots_free = slots_lo
+    else:
+        slots_lo = 0
+        slots_free = (n_slots // BLOCK_N) * BLOCK_N
+    return prompt, n_slots, slot_base, slots_lo, slots_free
+
+
+@triton.jit
+def sequence_key_range(start_m, causal_shift, Lk, reach,
+                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """The sequence keys a block of queries visits (forward and dq): (lo, free_end, hi). Keys [lo, free_end) are
+    below every query's causal diagonal and need no mask; [free_end, hi) are masked (the diagonal band, and with a
+    window every visited block, from the first query's reach); keys past hi are never visited."""
+    if CAUSAL:
+        free_end = tl.minimum(start_m * BLOCK_M + causal_shift + 1, Lk)
+        hi = tl.minimum((start_m + 1) * BLOCK_M + causal_shift, Lk)
+    else:
+        free_end = Lk
+        hi = Lk
+    if HAS_WINDOW:
+        lo = (tl.minimum(tl.maximum(reach, 0), hi) // BLOCK_N) * BLOCK_N
+        free_end = lo
+    else:
+        lo = 0
+        free_end = (free_end // BLOCK_N) * BLOCK_N
+    return lo, free_end, hi
 
 
 @triton.autotune(configs=autotune_configs(FWD_SPACE), key=TUNING_KEY,
@@ -189,7 +232,7 @@ def prefix_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
 
     q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                  offs_m, Lq, offs_d, D, True, EVEN_D)
+                  offs_m, Lq, offs_d, D, MASK_ROWS=True, EVEN_D=EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -198,55 +241,41 @@ def prefix_attention_fwd_kernel(
     # With a sliding window: the smallest key index the block's first query can reach.
     reach = start_m * BLOCK_M + causal_shift - window + 1
 
-    # The prompt's prefix: visible to every query of the row (slot s at window index s - n_slots).
-    prompt, n_slots = prompt_of_row(PROMPT_IDS, PREFIX_LENS, b, K_SLOTS, HAS_IDS, HAS_LENS)
-    prompt = tl.maximum(prompt, 0).to(tl.int64)
+    # The prompt's prefix: visible to every query of the row, never causally masked.
+    prompt, n_slots, slot_base, slots_lo, slots_free = prefix_slot_range(
+        PROMPT_IDS, PREFIX_LENS, PREFIX_OFFSETS, b, K_SLOTS, reach, HAS_IDS=HAS_IDS, HAS_LENS=HAS_LENS,
+        HAS_OFFSETS=HAS_OFFSETS, HAS_WINDOW=HAS_WINDOW, BLOCK_N=BLOCK_N)
     pk_base = PK + prompt * stride_pkp + kvh * stride_pkh
     pv_base = PV + prompt * stride_pvp + kvh * stride_pvh
-    if HAS_WINDOW:  # every visited block masked; slots before the first query's reach are not visited
-        slot_base = prefix_index_base(PREFIX_OFFSETS, b, n_slots, HAS_OFFSETS)
-        slots_lo = (tl.minimum(tl.maximum(reach - slot_base, 0), n_slots) // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, slots_lo,
-                                           n_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2, cap_scale,
-                                           cap_log2, slot_base, window, True, False, False, True, HAS_SOFTCAP,
-                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
-    else:
-        full_slots = (n_slots // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, 0,
-                                           full_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2, cap_scale,
-                                           cap_log2, 0, window, False, False, False, False, HAS_SOFTCAP,
-                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
-        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn,
-                                           full_slots, n_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2,
-                                           cap_scale, cap_log2, 0, window, True, False, False, False, HAS_SOFTCAP,
-                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    if not HAS_WINDOW:  # whole blocks of slots: no mask at all
+        acc, l_i, m_i = _attend_key_blocks(
+            acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, slots_lo, slots_free, offs_m, causal_shift,
+            PADDING, 0, D, scale_log2, cap_scale, cap_log2, slot_base, window, MASKED=False, CAUSAL=False,
+            HAS_PADDING=False, HAS_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    acc, l_i, m_i = _attend_key_blocks(
+        acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, slots_free, n_slots, offs_m, causal_shift,
+        PADDING, 0, D, scale_log2, cap_scale, cap_log2, slot_base, window, MASKED=True, CAUSAL=False,
+        HAS_PADDING=False, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
 
-    # The row's own keys: unmasked blocks below the diagonal, then the masked diagonal band.
-    if CAUSAL:
-        free_end = tl.minimum(start_m * BLOCK_M + causal_shift + 1, Lk)
-        hi = tl.minimum((start_m + 1) * BLOCK_M + causal_shift, Lk)
-    else:
-        free_end = Lk
-        hi = Lk
-    free_end = (free_end // BLOCK_N) * BLOCK_N
+    # The row's own keys: unmasked blocks below the diagonal, then the masked band.
+    lo, free_end, hi = sequence_key_range(start_m, causal_shift, Lk, reach, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW,
+                                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     pad_base = PADDING + b * stride_pb
-    if HAS_WINDOW:  # keys before the first query's reach are not visited; the rest is masked
-        keys_lo = (tl.minimum(tl.maximum(reach, 0), hi) // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, keys_lo, hi,
-                                           offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale,
-                                           cap_log2, 0, window, True, CAUSAL, HAS_PADDING, True, HAS_SOFTCAP,
-                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
-    else:
-        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, free_end,
-                                           offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale,
-                                           cap_log2, 0, window, False, CAUSAL, HAS_PADDING, False, HAS_SOFTCAP,
-                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
-        acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, free_end, hi,
-                                           offs_m, causal_shift, pad_base, stride_pn, D, scale_log2, cap_scale,
-                                           cap_log2, 0, window, True, CAUSAL, HAS_PADDING, False, HAS_SOFTCAP,
-                                           EVEN_D, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    if not HAS_WINDOW:
+        acc, l_i, m_i = _attend_key_blocks(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, free_end, offs_m, causal_shift, pad_base,
+            stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, MASKED=False, CAUSAL=CAUSAL,
+            HAS_PADDING=HAS_PADDING, HAS_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D,
+            DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    acc, l_i, m_i = _attend_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, free_end, hi, offs_m, causal_shift, pad_base,
+        stride_pn, D, scale_log2, cap_scale, cap_log2, 0, window, MASKED=True, CAUSAL=CAUSAL,
+        HAS_PADDING=HAS_PADDING, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D,
+        DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
 
     if HAS_SINKS:  # one more logit per head in the normaliser, with no value
         sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634

@@ -1,7 +1,7 @@
-// The one file that turns tensors into prompt-insertion kernel parameters:
-// op schemas (a fragment of the softprompt_kernels library), argument checks,
-// allocation, dtype dispatch, and the CPU and CUDA implementations. Fake kernels
-// and autograd are registered from Python (softprompt_kernels/_insertion_ops.py).
+// The kernels of softprompt_kernels::insert_prompt_fwd / insert_prompt_bwd, registered per dispatch key, and the
+// one place that turns their arguments (read by name, op_args.h) into kernel parameters (prepare_insertion,
+// make_params, make_grad_params). The schemas, fake kernels and autograd are defined from Python
+// (softprompt_kernels/ops/insert_prompt/).
 //
 //   insert_prompt_fwd(input_ids [B, n] int32/int64, weight [V, d], prompt [k, d])
 //       -> out [B, k + n, d], weight's dtype, contiguous
@@ -16,7 +16,8 @@
 #include <torch/library.h>
 
 #include "cpu/prompt_insertion_cpu.h"
-#include "prompt_insertion_params.h"
+#include "op_args.h"
+#include "prompt_insertion/params.h"
 
 #ifdef SOFTPROMPT_WITH_CUDA
 // c10's stream header rather than ATen/cuda/CUDAContext.h: the same current stream
@@ -41,8 +42,8 @@ bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
-InsertionInputs prepare_insertion(const at::Tensor& input_ids, const at::Tensor& weight,
-                                  const at::Tensor& prompt, at::DeviceType device_type) {
+InsertionInputs prepare_insertion(const OpArgs& args, at::DeviceType device_type) {
+  const at::Tensor input_ids = args.tensor("input_ids"), weight = args.tensor("weight"), prompt = args.tensor("prompt");
   TORCH_CHECK_VALUE(input_ids.dim() == 2, "input_ids must be a [B, n] tensor, got shape ", input_ids.sizes());
   TORCH_CHECK_TYPE(input_ids.scalar_type() == at::kLong || input_ids.scalar_type() == at::kInt,
                    "input_ids must be int32 or int64, got ", input_ids.scalar_type());
@@ -88,7 +89,10 @@ at::Tensor allocate_output(const InsertionInputs& in) {
   return at::empty({in.ids.size(0), in.prompt.size(0) + in.ids.size(1), in.weight.size(1)}, in.weight.options());
 }
 
-void check_grad_out(const at::Tensor& grad_out, int64_t k, at::DeviceType device_type) {
+// The backward's arguments: (grad_out [B, L, d], k).
+std::pair<at::Tensor, int64_t> prepare_grad(const OpArgs& args, at::DeviceType device_type) {
+  const at::Tensor grad_out = args.tensor("grad_out");
+  const int64_t k = args.integer("k");
   TORCH_CHECK_VALUE(grad_out.dim() == 3, "grad_out must have shape [B, k + n, d], got ", grad_out.sizes());
   TORCH_CHECK_TYPE(is_float_dtype(grad_out.scalar_type()),
                    "grad_out must be float16, bfloat16, float32 or float64, got ", grad_out.scalar_type());
@@ -96,6 +100,7 @@ void check_grad_out(const at::Tensor& grad_out, int64_t k, at::DeviceType device
                     "] (grad_out's sequence length), got ", k);
   TORCH_CHECK_VALUE(grad_out.device().type() == device_type, "grad_out must be a ", device_type,
                     " tensor for this kernel, got device ", grad_out.device());
+  return {grad_out, k};
 }
 
 InsertPromptGradParams make_grad_params(const at::Tensor& grad_out, const at::Tensor& grad_prompt) {
@@ -124,24 +129,26 @@ void check_ids_on_host(const at::Tensor& ids, int64_t vocab) {
                     ") (rows of weight), got values in [", low, ", ", high, "]");
 }
 
-at::Tensor insert_prompt_fwd_cpu(const at::Tensor& input_ids, const at::Tensor& weight, const at::Tensor& prompt) {
-  InsertionInputs in = prepare_insertion(input_ids, weight, prompt, at::kCPU);
+void insert_prompt_fwd_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const OpArgs args(op, stack);
+  InsertionInputs in = prepare_insertion(args, at::kCPU);
   check_ids_on_host(in.ids, in.weight.size(0));
   at::Tensor out = allocate_output(in);
   const InsertPromptParams params = make_params(in, out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "insert_prompt_fwd_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.weight.scalar_type(), "insert_prompt_fwd_cpu",
                                   [&] { cpu::insert_prompt_forward<scalar_t>(params); });
-  return out;
+  args.set_outputs(std::move(out));
 }
 
-at::Tensor insert_prompt_bwd_cpu(const at::Tensor& grad_out, int64_t k) {
-  check_grad_out(grad_out, k, at::kCPU);
+void insert_prompt_bwd_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const OpArgs args(op, stack);
+  const auto [grad_out, k] = prepare_grad(args, at::kCPU);
   at::Tensor grad_prompt =
       at::empty({k, grad_out.size(2)}, grad_out.options().dtype(accumulation_dtype(grad_out.scalar_type())));
   const InsertPromptGradParams params = make_grad_params(grad_out, grad_prompt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "insert_prompt_bwd_cpu",
                                   [&] { cpu::insert_prompt_backward<scalar_t>(params); });
-  return grad_prompt;
+  args.set_outputs(std::move(grad_prompt));
 }
 
 #ifdef SOFTPROMPT_WITH_CUDA
@@ -156,50 +163,48 @@ int cuda_dtype_code(at::ScalarType dtype, const char* name) {
 
 // Ids are not range-checked here (that would sync): an id outside [0, V) gives a NaN
 // row. insert_prompt(validate=True) checks them in Python first.
-at::Tensor insert_prompt_fwd_cuda(const at::Tensor& input_ids, const at::Tensor& weight,
-                                  const at::Tensor& prompt) {
-  InsertionInputs in = prepare_insertion(input_ids, weight, prompt, at::kCUDA);
-  const int code = cuda_dtype_code(weight.scalar_type(), "weight");
-  const c10::cuda::CUDAGuard guard(weight.device());
+void insert_prompt_fwd_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const OpArgs args(op, stack);
+  InsertionInputs in = prepare_insertion(args, at::kCUDA);
+  const int code = cuda_dtype_code(in.weight.scalar_type(), "weight");
+  const c10::cuda::CUDAGuard guard(in.weight.device());
   at::Tensor out = allocate_output(in);
-  if (out.numel() == 0) return out;
-  const bool launched =
-      cuda::launch_insert_prompt_fwd(make_params(in, out), code, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(launched, "insert_prompt_fwd: no CUDA kernel for dtype ", weight.scalar_type());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  if (out.numel() > 0) {
+    const bool launched =
+        cuda::launch_insert_prompt_fwd(make_params(in, out), code, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(launched, "insert_prompt_fwd: no CUDA kernel for dtype ", in.weight.scalar_type());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  args.set_outputs(std::move(out));
 }
 
-at::Tensor insert_prompt_bwd_cuda(const at::Tensor& grad_out, int64_t k) {
-  check_grad_out(grad_out, k, at::kCUDA);
+void insert_prompt_bwd_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const OpArgs args(op, stack);
+  const auto [grad_out, k] = prepare_grad(args, at::kCUDA);
   const int code = cuda_dtype_code(grad_out.scalar_type(), "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor grad_prompt = at::empty({k, grad_out.size(2)}, grad_out.options().dtype(at::kFloat));
-  if (grad_prompt.numel() == 0) return grad_prompt;
-  const bool launched = cuda::launch_insert_prompt_bwd(make_grad_params(grad_out, grad_prompt), code,
-                                                       c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(launched, "insert_prompt_bwd: no CUDA kernel for dtype ", grad_out.scalar_type());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad_prompt;
+  if (grad_prompt.numel() > 0) {
+    const bool launched = cuda::launch_insert_prompt_bwd(make_grad_params(grad_out, grad_prompt), code,
+                                                         c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(launched, "insert_prompt_bwd: no CUDA kernel for dtype ", grad_out.scalar_type());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  args.set_outputs(std::move(grad_prompt));
 }
 #endif
 
 }  // namespace
 }  // namespace softprompt
 
-TORCH_LIBRARY_FRAGMENT(softprompt_kernels, m) {
-  m.def("insert_prompt_fwd(Tensor input_ids, Tensor weight, Tensor prompt) -> Tensor");
-  m.def("insert_prompt_bwd(Tensor grad_out, SymInt k) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(softprompt_kernels, CPU, m) {
-  m.impl("insert_prompt_fwd", &softprompt::insert_prompt_fwd_cpu);
-  m.impl("insert_prompt_bwd", &softprompt::insert_prompt_bwd_cpu);
+  m.impl("insert_prompt_fwd", torch::CppFunction::makeFromBoxedFunction<&softprompt::insert_prompt_fwd_cpu>());
+  m.impl("insert_prompt_bwd", torch::CppFunction::makeFromBoxedFunction<&softprompt::insert_prompt_bwd_cpu>());
 }
 
 #ifdef SOFTPROMPT_WITH_CUDA
 TORCH_LIBRARY_IMPL(softprompt_kernels, CUDA, m) {
-  m.impl("insert_prompt_fwd", &softprompt::insert_prompt_fwd_cuda);
-  m.impl("insert_prompt_bwd", &softprompt::insert_prompt_bwd_cuda);
+  m.impl("insert_prompt_fwd", torch::CppFunction::makeFromBoxedFunction<&softprompt::insert_prompt_fwd_cuda>());
+  m.impl("insert_prompt_bwd", torch::CppFunction::makeFromBoxedFunction<&softprompt::insert_prompt_bwd_cuda>());
 }
 #endif

@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._common import accumulation_dtype
-from ._validation import PrefixAttentionInputs
-from .backends import Backend, register_backend
+from ...common import accumulation_dtype
+from ..backends import Backend, register_backend
+from .contract import PrefixAttentionInputs
 
 
 def visibility_mask(inputs: PrefixAttentionInputs) -> torch.Tensor:
@@ -91,13 +91,14 @@ def concatenated_kv(inputs: PrefixAttentionInputs) -> Tuple[torch.Tensor, torch.
 
 
 def prefix_attention_torch(
-    inputs: PrefixAttentionInputs, return_lse: bool = False, dropout_p: float = 0.0
+    inputs: PrefixAttentionInputs, return_lse: bool = False
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] or None).
 
-    ``dropout_p`` drops attention probabilities (training with attention dropout, as the Hugging Face
+    ``inputs.dropout_p`` drops attention probabilities (training with attention dropout, as the Hugging Face
     layers do); the fused backends have no dropout, so this path serves it.
     """
+    dropout_p = inputs.dropout_p
     keys, values = concatenated_kv(inputs)
     group = inputs.heads_q // inputs.heads_kv
     if group > 1:

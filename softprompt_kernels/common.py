@@ -1,10 +1,13 @@
-"""Small helpers every module shares: one warn-once, one accumulation dtype."""
+"""Small helpers every module shares: one warn-once, the dtypes the ops take, one accumulation dtype."""
 from __future__ import annotations
 
 import warnings
 from typing import Hashable, Type
 
 import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # floating tensors of the ops
+INDEX_DTYPES = (torch.int32, torch.int64)  # index tensors of the ops (ids, lengths, offsets)
 
 _warned: set = set()
 

@@ -1,4 +1,5 @@
-"""The ``cuda`` backend: the C++/CUDA forward kernels (csrc/cuda), for serving and prefill.
+"""The ``cuda`` backend: the C++/CUDA forward kernels (csrc/cuda) of the C++ op pair (cpu.py), for serving and
+prefill.
 
 ``Lq <= 16`` runs the split-K decode kernel (prefix bank + each row's cache, GQA groups
 sharing loads); longer queries run the tensor-core prefill kernel. Both are forward-only:
@@ -12,9 +13,10 @@ from typing import Optional
 
 import torch
 
-from . import _ops
-from ._ops import run_extension_op
-from .backends import Backend, needs_device, register_backend
+from ..backends import Backend, needs_device, needs_no_dropout, register_backend
+from .. import extension
+from .contract import ARGS
+from .cpu import run_extension_op
 
 DECODE_MAX_QUERIES = 16  # kDecodeMaxQueries in csrc/cuda/decode_params.h
 HEAD_DIMS = (64, 128, 256)
@@ -22,8 +24,8 @@ DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _needs_grad(inputs) -> bool:
-    tensors = (inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v)
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    tensors = (getattr(inputs, a.name) for a in ARGS if a.grad == "kernel")  # the backward op's gradients
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class CudaBackend(Backend):
@@ -32,9 +34,9 @@ class CudaBackend(Backend):
     description = "CUDA C++ kernels, forward only: split-K decode (Lq <= 16) and tensor-core prefill"
 
     def unavailable_reason(self) -> Optional[str]:
-        if _ops.EXTENSION_ERROR is not None:
-            return _ops.EXTENSION_ERROR
-        if not _ops.extension_has_cuda():
+        if extension.EXTENSION_ERROR is not None:
+            return extension.EXTENSION_ERROR
+        if not extension.extension_has_cuda():
             return ("softprompt_kernels._C was built without CUDA sources (torch without CUDA, or "
                     "SOFTPROMPT_FORCE_CPU=1): rebuild with a CUDA build of torch")
         if not torch.cuda.is_available():
@@ -42,7 +44,8 @@ class CudaBackend(Backend):
         return None
 
     def not_supported_reasons(self, inputs):
-        reasons = super().not_supported_reasons(inputs) + needs_device(self, inputs, "cuda")
+        reasons = super().not_supported_reasons(inputs) + needs_device(self, inputs, "cuda") + \
+            needs_no_dropout(self, inputs)
         if not reasons and torch.cuda.get_device_capability(inputs.device)[0] < 8:
             reasons.append("the cuda backend needs compute capability 8.0 or newer")
         if inputs.dtype not in DTYPES:

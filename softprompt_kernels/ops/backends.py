@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._common import warn_once
-from ._validation import BackendNotSupportedError, InvalidArgumentError
+from ..common import warn_once
+from ..errors import BackendNotSupportedError, InvalidArgumentError
 
 OPS = ("prefix_attention", "insert_prompt")
 
@@ -62,6 +62,14 @@ def needs_device(backend: Backend, inputs, device_type: str) -> List[str]:
     """The reason list of a backend that runs only on ``device_type`` tensors."""
     if inputs.device.type != device_type:
         return [f"the {backend.name} backend needs {device_type} tensors, got {inputs.device}"]
+    return []
+
+
+def needs_no_dropout(backend: Backend, inputs) -> List[str]:
+    """The reason list of a fused backend: attention dropout is served by the reference backend only."""
+    if getattr(inputs, "dropout_p", 0.0) > 0.0:
+        return [f"the {backend.name} backend has no attention dropout (dropout_p={inputs.dropout_p}; "
+                "the torch backend has)"]
     return []
 
 

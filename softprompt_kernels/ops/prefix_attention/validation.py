@@ -8,86 +8,13 @@ asynchronous device assertion so that the hot path never waits on the device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-class InvalidArgumentError(ValueError):
-    """An argument of a softprompt_kernels op has the wrong shape, value or device."""
-
-
-class InvalidDtypeError(InvalidArgumentError, TypeError):
-    """An argument has the wrong type or dtype (both a ValueError and a TypeError)."""
-
-
-class BackendNotSupportedError(InvalidArgumentError):
-    """The requested backend cannot run these inputs; the message lists why."""
-
-
-@dataclass(frozen=True)
-class PrefixAttentionInputs:
-    """Validated arguments of one prefix_attention call, with their sizes."""
-
-    q: torch.Tensor  # [B, Hq, Lq, D]
-    k: torch.Tensor  # [B, Hkv, Lk, D]
-    v: torch.Tensor  # [B, Hkv, Lk, D]
-    prefix_k: torch.Tensor  # [P, Hkv, K, D]
-    prefix_v: torch.Tensor  # [P, Hkv, K, D]
-    prompt_ids: Optional[torch.Tensor]  # [B] int, in [-1, P)
-    prefix_lens: Optional[torch.Tensor]  # [P] int, in [0, K]
-    key_padding_mask: Optional[torch.Tensor]  # [B, Lk] bool
-    causal: bool
-    scale: float
-    window: Optional[int] = None  # sliding window (docs/DESIGN.md section 2), >= 1
-    softcap: Optional[float] = None  # logit soft-capping, > 0
-    sinks: Optional[torch.Tensor] = None  # [Hq] floating, one extra softmax logit per q head
-    prefix_offsets: Optional[torch.Tensor] = None  # [B] int in [0, Lk]: the prefix sits before that key (window)
-
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads_q(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def heads_kv(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def len_q(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def len_k(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def num_prompts(self) -> int:
-        return self.prefix_k.shape[0]
-
-    @property
-    def prefix_slots(self) -> int:
-        return self.prefix_k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
+from ...common import INDEX_DTYPES, SUPPORTED_DTYPES
+from ...errors import InvalidArgumentError, InvalidDtypeError
+from .contract import CONTRACT, PrefixAttentionInputs
 
 def _fail(message: str) -> None:
     raise InvalidArgumentError(message)
@@ -116,28 +43,16 @@ def _check_index_tensor(value, name: str, length: int, length_name: str, q: torc
     return value
 
 
-def validate_prefix_attention_args(
-    q,
-    k,
-    v,
-    prefix_k,
-    prefix_v,
-    prompt_ids=None,
-    prefix_lens=None,
-    causal=True,
-    key_padding_mask=None,
-    scale=None,
-    window=None,
-    softcap=None,
-    sinks=None,
-    prefix_offsets=None,
-) -> PrefixAttentionInputs:
-    """Checks the op contract of docs/DESIGN.md section 2 and returns the validated inputs."""
-    q = _check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
-    k = _check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
-    v = _check_tensor(v, "v", 4, "[B, Hkv, Lk, D]")
-    prefix_k = _check_tensor(prefix_k, "prefix_k", 4, "[P, Hkv, K, D]")
-    prefix_v = _check_tensor(prefix_v, "prefix_v", 4, "[P, Hkv, K, D]")
+def validate(**arguments) -> PrefixAttentionInputs:
+    """Checks the op contract of docs/DESIGN.md section 2 and returns the validated inputs: the arguments of
+    contract.ARGS by name (left out: their defaults), one check each."""
+    args = CONTRACT.complete(arguments)
+    q = _check_tensor(args["q"], "q", 4, "[B, Hq, Lq, D]")
+    k = _check_tensor(args["k"], "k", 4, "[B, Hkv, Lk, D]")
+    v = _check_tensor(args["v"], "v", 4, "[B, Hkv, Lk, D]")
+    prefix_k = _check_tensor(args["prefix_k"], "prefix_k", 4, "[P, Hkv, K, D]")
+    prefix_v = _check_tensor(args["prefix_v"], "prefix_v", 4, "[P, Hkv, K, D]")
+    causal, window = args["causal"], args["window"]
 
     if q.dtype not in SUPPORTED_DTYPES:
         raise InvalidDtypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
@@ -171,6 +86,7 @@ def validate_prefix_attention_args(
     if prefix_v.shape != prefix_k.shape:
         _fail(f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
 
+    prompt_ids, prefix_lens, key_padding_mask = args["prompt_ids"], args["prefix_lens"], args["key_padding_mask"]
     if prompt_ids is None:
         if P != 1:
             _fail(f"prompt_ids=None means every row uses the one prefix, so prefix_k must hold exactly "
@@ -190,9 +106,7 @@ def validate_prefix_attention_args(
         _check_same_device(key_padding_mask, "key_padding_mask", q)
     if not isinstance(causal, bool):
         raise InvalidDtypeError(f"causal must be a bool, got {type(causal).__name__}")
-    scale = _check_scale(scale, D)
-    window = _check_window(window)
-    softcap = _check_softcap(softcap)
+    sinks, prefix_offsets = args["sinks"], args["prefix_offsets"]
     if sinks is not None:
         sinks = _check_tensor(sinks, "sinks", 1, "[Hq]")
         if not sinks.dtype.is_floating_point:
@@ -202,8 +116,9 @@ def validate_prefix_attention_args(
         _check_same_device(sinks, "sinks", q)
     if prefix_offsets is not None:
         prefix_offsets = _check_index_tensor(prefix_offsets, "prefix_offsets", B, "B", q)
-    return PrefixAttentionInputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
-                                 causal, scale, window, softcap, sinks, prefix_offsets)
+    normalised = dict(scale=_check_scale(args["scale"], D), window=_check_window(window),
+                      softcap=_check_softcap(args["softcap"]), dropout_p=_check_dropout(args["dropout_p"]))
+    return PrefixAttentionInputs(**{**args, **normalised})
 
 
 def _check_window(window) -> Optional[int]:
@@ -224,6 +139,14 @@ def _check_softcap(softcap) -> Optional[float]:
     if not math.isfinite(softcap) or softcap <= 0:
         _fail(f"softcap must be finite and > 0, got {softcap}")
     return float(softcap)
+
+
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise InvalidDtypeError(f"dropout_p must be a real number in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        _fail(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    return float(dropout_p)
 
 
 def _k_v_mismatch(k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor) -> str:

@@ -1,9 +1,8 @@
-// Argument checks and tensor -> params conversion for the prefix attention ops.
-//
-// Shared by the CPU bindings and the CUDA bindings (this header uses torch; the
-// kernels themselves only see prefix_attention_params.h). The Python API checks
-// the same things first with friendlier messages; these checks keep direct calls
-// of torch.ops.softprompt_kernels.* from crashing or reading out of bounds.
+// The one place that turns a prefix-attention op call into kernel parameters: the arguments read by name
+// (op_args.h), checked, laid out for the kernels (PreparedInputs), and the plain structs of params.h filled from
+// them (make_params, make_grad_params). Used by the CPU and CUDA kernels of ops.cpp and by the CUDA forward's
+// dispatch (cuda_forward.h). The Python API checks the same things first with friendlier messages; these checks
+// keep direct calls of torch.ops.softprompt_kernels.* from crashing or reading out of bounds.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,7 +10,8 @@
 #include <optional>
 #include <tuple>
 
-#include "prefix_attention_params.h"
+#include "op_args.h"
+#include "prefix_attention/params.h"
 
 namespace softprompt {
 
@@ -57,16 +57,17 @@ inline void check_attention_tensor(const at::Tensor& t, const char* name, const 
                     " must be on q's device ", q.device(), ", got ", t.device());
 }
 
-inline PreparedInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                     const std::optional<at::Tensor>& prompt_ids,
-                                     const std::optional<at::Tensor>& prefix_lens,
-                                     const std::optional<at::Tensor>& key_padding_mask,
-                                     bool causal, double scale, at::DeviceType device_type,
-                                     std::optional<int64_t> window = std::nullopt,
-                                     std::optional<double> softcap = std::nullopt,
-                                     const std::optional<at::Tensor>& sinks = std::nullopt,
-                                     const std::optional<at::Tensor>& prefix_offsets = std::nullopt) {
+// The forward's arguments (and the backward's, which carry them too), by their contract names.
+inline PreparedInputs prepare_inputs(const OpArgs& args, at::DeviceType device_type) {
+  const at::Tensor q = args.tensor("q"), k = args.tensor("k"), v = args.tensor("v");
+  const at::Tensor prefix_k = args.tensor("prefix_k"), prefix_v = args.tensor("prefix_v");
+  const auto prompt_ids = args.optional_tensor("prompt_ids"), prefix_lens = args.optional_tensor("prefix_lens");
+  const auto key_padding_mask = args.optional_tensor("key_padding_mask");
+  const auto sinks = args.optional_tensor("sinks"), prefix_offsets = args.optional_tensor("prefix_offsets");
+  const bool causal = args.flag("causal");
+  const double scale = args.real("scale");
+  const std::optional<int64_t> window = args.optional_integer("window");
+  const std::optional<double> softcap = args.optional_real("softcap");
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                        dtype == at::kHalf,
@@ -248,9 +249,10 @@ inline at::Tensor check_like(const at::Tensor& t, const char* name, at::IntArray
   return t;
 }
 
-inline PreparedGradInputs prepare_grad_inputs(const PreparedInputs& in, const at::Tensor& grad_out,
-                                              const std::optional<at::Tensor>& grad_lse,
-                                              const at::Tensor& out, const at::Tensor& lse) {
+// The backward's own arguments: grad_out, grad_lse, out, lse.
+inline PreparedGradInputs prepare_grad_inputs(const PreparedInputs& in, const OpArgs& args) {
+  const at::Tensor grad_out = args.tensor("grad_out"), out = args.tensor("out"), lse = args.tensor("lse");
+  const std::optional<at::Tensor> grad_lse = args.optional_tensor("grad_lse");
   const auto dtype = in.q.scalar_type(), acc = accumulation_dtype(dtype);
   const auto device = in.q.device();
   PreparedGradInputs g;

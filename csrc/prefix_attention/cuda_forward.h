@@ -1,6 +1,6 @@
-// The CUDA forward of prefix_attention, from tensors to a kernel launch: dtype and head-dim checks,
-// 16-byte-load layouts, the decode (Lq <= kDecodeMaxQueries, split-K with a workspace) or prefill
-// choice, outputs. Host C++ (no CUDA headers). Shared by csrc/cuda_bindings.cpp on a GPU and by the
+// The CUDA forward of prefix_attention, from the op's arguments to a kernel launch: dtype and head-dim
+// checks, 16-byte-load layouts, the decode (Lq <= kDecodeMaxQueries, split-K with a workspace) or prefill
+// choice, outputs. Host C++ (no CUDA headers). Shared by the CUDA kernel of ops.cpp on a GPU and by the
 // SIMT emulator tests (tests/cuda_emulation/emulated_ops.cpp), which run this same code, and the same
 // launch_* dispatch of csrc/cuda/*_dispatch.cu, on CPU tensors.
 #pragma once
@@ -13,7 +13,7 @@
 
 #include "cuda/decode_launch.h"
 #include "cuda/prefill_launch.h"
-#include "prefix_attention_checks.h"
+#include "prefix_attention/prepare.h"
 
 namespace softprompt {
 
@@ -39,21 +39,15 @@ inline at::Tensor for_vector_loads(const at::Tensor& t) {
   return allows_vector_loads(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// Runs the forward; returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] float32, a cudaError_t value).
-inline std::tuple<at::Tensor, at::Tensor, int> cuda_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prompt_ids,
-    const std::optional<at::Tensor>& prefix_lens, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double scale, std::optional<int64_t> window, std::optional<double> softcap,
-    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& prefix_offsets,
-    const CudaForwardTarget& target) {
-  PreparedInputs in = prepare_inputs(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
-                                     causal, scale, target.device_type, window, softcap, sinks, prefix_offsets);
-  const auto dtype = q.scalar_type();
+// Runs the forward on the op's arguments (prefix_attention_fwd's, read by name); returns (out [B, Hq, Lq, D],
+// lse [B, Hq, Lq] float32, a cudaError_t value).
+inline std::tuple<at::Tensor, at::Tensor, int> cuda_forward(const OpArgs& args, const CudaForwardTarget& target) {
+  PreparedInputs in = prepare_inputs(args, target.device_type);
+  const auto dtype = in.q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf,
                    "the cuda backend takes bfloat16 or float16 q, got ", dtype,
                    " (backend='triton' or 'torch' take float32)");
-  TORCH_CHECK_VALUE(cuda::decode_supports_head_dim(in.D) && cuda::prefill_supports_head_dim(in.D),
+  TORCH_CHECK_VALUE(cuda::supports_head_dim(in.D),
                     "the cuda backend supports head dims 64, 128 and 256, got ", in.D,
                     " (backend='triton' serves other head dims)");
   TORCH_CHECK_VALUE(target.major >= 8, "the cuda backend needs compute capability 8.0 or newer, got ",
@@ -86,7 +80,7 @@ inline std::tuple<at::Tensor, at::Tensor, int> cuda_forward(
   decode.query_tiles = plan.query_tiles;
   at::Tensor partial_out, partial_lse;  // from the caching allocator: no cudaMalloc, graph-capturable
   if (plan.num_splits > 1) {
-    const auto f32 = q.options().dtype(at::kFloat);
+    const auto f32 = in.q.options().dtype(at::kFloat);
     partial_out = at::empty({plan.num_splits, in.B, in.Hq, in.Lq, in.D}, f32);
     partial_lse = at::empty({plan.num_splits, in.B, in.Hq, in.Lq}, f32);
     decode.partial_out = partial_out.data_ptr<float>();
