@@ -388,15 +388,16 @@ def prefix_attention_bwd_dq_kernel(
 
     causal_shift = Lk - Lq
     reach = start_m * BLOCK_M + causal_shift - window + 1  # the smallest key index the block may see
-    # the prefix, every visited slot block masked (one loop keeps the kernel within the register file)
+    # the prefix: one loop, every visited slot block masked
     prompt, n_slots, slot_base, slots_lo, _ = prefix_slot_range(
         PROMPT_IDS, PREFIX_LENS, PREFIX_OFFSETS, b, K_SLOTS, reach, HAS_IDS=HAS_IDS, HAS_LENS=HAS_LENS,
         HAS_OFFSETS=HAS_OFFSETS, HAS_WINDOW=HAS_WINDOW, BLOCK_N=BLOCK_N)
     dq = _dq_over_keys(
-        dq, q, do, lse2, delta, PK + prompt * stride_pkp + kvh * stride_pkh, PV + prompt * stride_pvp + kvh * stride_pvh,
-        stride_pkn, stride_pvn, slots_lo, n_slots, offs_m, causal_shift, PADDING, 0, D, scale_log2, cap_scale,
-        cap_log2, slot_base, window, MASKED=True, CAUSAL=False, HAS_PADDING=False, HAS_WINDOW=HAS_WINDOW,
-        HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        dq, q, do, lse2, delta, PK + prompt * stride_pkp + kvh * stride_pkh,
+        PV + prompt * stride_pvp + kvh * stride_pvh, stride_pkn, stride_pvn, slots_lo, n_slots, offs_m, causal_shift,
+        PADDING, 0, D, scale_log2, cap_scale, cap_log2, slot_base, window, MASKED=True, CAUSAL=False,
+        HAS_PADDING=False, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
 
     # the row's own keys, as in the forward: unmasked blocks below the diagonal, then the masked band
     lo, free_end, hi = sequence_key_range(start_m, causal_shift, Lk, reach, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW,

@@ -42,7 +42,8 @@ def _insert_prompt(backend: str, validate: bool, **arguments) -> torch.Tensor:  
 
 insert_prompt = CONTRACT.public_function(
     _insert_prompt, OPTIONS, module=__name__,
-    doc="""``[B, k + n, d]`` in weight's dtype: the prompt ``[k, d]`` (or ``[1, k, d]``) in front of ``weight[input_ids]``.
+    doc="""``[B, k + n, d]`` in weight's dtype: the prompt ``[k, d]`` (or ``[1, k, d]``) in front of
+    ``weight[input_ids]``.
 
     Bad arguments raise InvalidArgumentError / InvalidDtypeError naming the argument.""")
 

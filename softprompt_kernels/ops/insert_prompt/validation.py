@@ -30,8 +30,8 @@ def validate(**arguments) -> InsertPromptInputs:
     if prompt.dim() == 3 and prompt.shape[0] == 1:
         prompt = prompt[0]
     if prompt.dim() != 2 or prompt.shape[1] != weight.shape[1]:
-        raise InvalidArgumentError(
-            f"prompt must have shape [k, d={weight.shape[1]}] or [1, k, d={weight.shape[1]}], got {tuple(prompt.shape)}")
+        raise InvalidArgumentError(f"prompt must have shape [k, d={weight.shape[1]}] or [1, k, d={weight.shape[1]}], "
+                                   f"got {tuple(prompt.shape)}")
     if prompt.dtype not in SUPPORTED_DTYPES:
         raise InvalidDtypeError(f"prompt must be float16, bfloat16, float32 or float64, got {prompt.dtype}")
     for name, t in (("input_ids", input_ids), ("prompt", prompt)):

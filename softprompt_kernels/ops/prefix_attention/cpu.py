@@ -23,7 +23,8 @@ if extension_loaded():
     define(BACKWARD, BACKWARD_SCHEMA)
     torch.library.register_fake(f"softprompt_kernels::{FORWARD}", forward_fake)
     torch.library.register_fake(f"softprompt_kernels::{BACKWARD}", backward_fake)
-    register_prefix_attention_autograd(f"softprompt_kernels::{FORWARD}", torch.ops.softprompt_kernels.prefix_attention_bwd)
+    register_prefix_attention_autograd(f"softprompt_kernels::{FORWARD}",
+                                       torch.ops.softprompt_kernels.prefix_attention_bwd)
 
 
 def run_extension_op(inputs, return_lse: bool):
@@ -41,7 +42,8 @@ class CpuBackend(Backend):
         return extension.EXTENSION_ERROR  # read at call time: tests pretend a failed build
 
     def not_supported_reasons(self, inputs):
-        return super().not_supported_reasons(inputs) + needs_device(self, inputs, "cpu") + needs_no_dropout(self, inputs)
+        return (super().not_supported_reasons(inputs) + needs_device(self, inputs, "cpu")
+                + needs_no_dropout(self, inputs))
 
     def run(self, inputs, return_lse):
         return run_extension_op(inputs, return_lse)
