@@ -199,7 +199,7 @@ def _add_toy_model(subparsers) -> None:
 
     toy = subparsers.add_parser(
         "toy-model", help="write a tiny toy causal LM (not a real model) to try train, inspect and serve on",
-        description="Writes OUT_DIR: a tiny Llama (2 layers, head dim 32) briefly trained on toy sentences of 45 "
+        description="Writes OUT_DIR: a tiny Llama (2 layers, head dim 32) briefly trained on toy sentences of 38 "
                     "words, its tokenizer with a chat template, and JSONL data of the toy task under OUT_DIR/data. "
                     "A toy for trying the commands offline, not a real language model.")
     toy_task.add_arguments(toy)

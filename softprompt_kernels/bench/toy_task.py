@@ -25,7 +25,7 @@ ANIMALS = ("cat", "dog", "bird", "fish")
 
 
 def word_tokenizer():
-    """A whitespace word-level fast tokenizer over SPECIAL + WORDS (45 tokens)."""
+    """A whitespace word-level fast tokenizer over SPECIAL + WORDS (41 tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -110,15 +110,16 @@ def classification_data(path, count: int = 24, seed: int = 0) -> str:
 MARKER = "README.md"
 CARD = """# softprompt-kernels toy model
 
-A tiny Llama ({hidden} hidden, {layers} layers, {heads} heads of dim {head_dim}, {vocab} words, {positions} positions)
-with a word-level tokenizer, written by `softprompt-kernels toy-model` and trained for {steps} steps on the toy
-sentences of `softprompt_kernels/bench/toy_task.py` ("the cat sat on the mat", ...). It is a toy for trying the
-commands (`train`, `inspect`, `serve`), not a real language model: it knows {vocab} words and one pattern.
+A tiny Llama ({hidden} hidden, {layers} layers, {heads} heads of dim {head_dim}, {positions} positions) with a
+word-level tokenizer of {vocab} tokens, written by `softprompt-kernels toy-model` and trained for {steps} steps on
+the toy sentences of `softprompt_kernels/bench/toy_task.py` ("the cat sat on the mat", ...). It is a toy for
+trying the commands (`train`, `inspect`, `serve`), not a real language model: it knows a few words and one
+pattern.
 
 The chat template joins the messages' contents with spaces (the vocabulary has no role words). `data/` holds
 JSONL files of the task: `train.jsonl` and `eval.jsonl` ({{"text"}} lines about every animal), `cats.jsonl` and
-`dogs.jsonl` (sentences about one animal: a prompt trained on them steers the model to it), `completions.jsonl`
-({{"prompt", "completion"}} lines).
+`dogs.jsonl` (sentences about one animal: a prompt trained on them can steer the model to it),
+`completions.jsonl` ({{"prompt", "completion"}} lines).
 """
 
 
@@ -168,7 +169,14 @@ def toy_model(directory, steps: int = 100, seed: int = 0, hidden: int = 128, lay
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     tokenizer = word_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    _train_briefly(model, tokenizer, steps, seed)
+    # Matrices of 128 columns: one thread is as fast as several on an idle machine and many times faster on a
+    # busy one (100 steps: 6 s on one thread, 100 s on two with the cores shared).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_briefly(model, tokenizer, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
     directory.mkdir(parents=True, exist_ok=True)
     save_model_dir(model, directory, tokenizer)
     (directory / MARKER).write_text(CARD.format(hidden=hidden, layers=layers, heads=heads, head_dim=hidden // heads,
@@ -211,7 +219,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (FileExistsError, ValueError) as error:
         print(f"softprompt-kernels toy-model: {error}", file=sys.stderr)
         return 2
-    print(f"wrote a toy model (NOT a real language model: {len(SPECIAL) + len(WORDS)} words, trained "
+    print(f"wrote a toy model (NOT a real language model: {len(SPECIAL) + len(WORDS)} tokens, trained "
           f"{args.steps} steps) to {path} in {time.perf_counter() - start:.1f} s"
           + (f"; its data: {Path(path) / 'data'}/*.jsonl" if args.data else ""))
     return 0
