@@ -39,7 +39,7 @@ test-vllm: $(STAMP_BUILD) $(STAMP_VLLM)
 	cd tests_vllm && ../$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider .
 
 # The development tier: everything but the tests marked slow (emulator builds, interpreter sweeps,
-# torch.compile, multi-process DDP); a few minutes.
+# torch.compile, multi-process DDP, the README's examples).
 test-quick: $(STAMP_BUILD)
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -24,7 +24,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = HelpFormatter
-    parser.add_argument("--model", required=True, help="a Hugging Face model directory (with its tokenizer)")
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face model directory with its tokenizer (to try the command: "
+                             "softprompt-kernels toy-model DIR writes a toy one)")
     parser.add_argument("--data", required=True, metavar="FILE.jsonl",
                         help='training data: {"text"} lines (causal LM), {"prompt", "completion"} (loss on the '
                              'completion) or {"text", "label"} (sequence classification, encoders)')
