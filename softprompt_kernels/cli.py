@@ -8,6 +8,7 @@ Subcommands:
 - ``serve``: an HTTP completions server over a ``PromptBank`` of PEFT prompt adapters.
 - ``train``: trains soft prompts from a JSONL file (sweeps of candidates in one run); writes a PEFT adapter.
 - ``inspect``: the nearest vocabulary tokens and norms of a learned prompt.
+- ``toy-model``: writes a tiny toy causal LM (tokenizer, chat template, data) to try the commands on.
 """
 from __future__ import annotations
 
@@ -193,6 +194,18 @@ def _add_inspect(subparsers) -> None:
     inspect.set_defaults(handler=inspect_prompt.run_from_args)
 
 
+def _add_toy_model(subparsers) -> None:
+    from .bench import toy_task
+
+    toy = subparsers.add_parser(
+        "toy-model", help="write a tiny toy causal LM (not a real model) to try train, inspect and serve on",
+        description="Writes OUT_DIR: a tiny Llama (2 layers, head dim 32) briefly trained on toy sentences of 38 "
+                    "words, its tokenizer with a chat template, and JSONL data of the toy task under OUT_DIR/data. "
+                    "A toy for trying the commands offline, not a real language model.")
+    toy_task.add_arguments(toy)
+    toy.set_defaults(handler=toy_task.run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -204,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_train(subparsers)
     _add_inspect(subparsers)
+    _add_toy_model(subparsers)
     return parser
 
 

@@ -130,6 +130,33 @@ def test_plot_says_what_its_axes_mean(tmp_path, monkeypatch):
     assert [t for t in labels["set_ylabel"] if t] and all("higher is better" in t for t in labels["set_ylabel"] if t)
 
 
+def test_plot_footnote_fits_in_the_figure(tmp_path, monkeypatch):
+    """A case key longer than the figure is wide is wrapped, and every line of it is inside the saved image."""
+    import matplotlib.figure
+
+    from softprompt_kernels.bench import prefix_attention
+
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        label = self.axes[1].xaxis.label  # measured as saved (closing the figure drops its renderer)
+        saved.append((label.get_text(), label.get_window_extent(self.canvas.get_renderer()), self.bbox))
+        return result
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    long_key = prefix_attention.CASE_KEY + "; " + prefix_attention.CASE_KEY  # longer than any suite's
+    for count in (1, 7):
+        records = [harness.Record("op", p, "dev", "abc", {"name": f"B16 H8/4 L128/128 K100 D32 f32 case {i}"},
+                                  ms, 1.0, 1.0, None)
+                   for i in range(count) for p, ms in (("torch", 2.0), ("sdpa_concat", 1.5), ("cpu", 1.0))]
+        harness.plot(records, tmp_path / f"p{count}.png", case_key=long_key)
+        text, box, inside = saved[-1]
+        assert " ".join(text.split()) == "case: " + long_key and "\n" in text
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, \
+            (box, inside)
+
+
 def test_no_subcommand_prints_help(capsys):
     assert main([]) == 2
     assert "bench" in capsys.readouterr().out

@@ -207,6 +207,79 @@ def test_malformed_data_is_an_error_with_its_line(files, tmp_path, capsys, lines
     assert message in err and str(path) in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("line,problem", [
+    # cut at its end: the column where it breaks, on this line (json.loads of the line with its newline
+    # reported line 2, column 1)
+    ('{"text": "a dog"', "the line ends at column 17 before the JSON value is complete: Expecting ',' delimiter"),
+    ('{"text": ', "the line ends at column 10 before the JSON value is complete: Expecting value"),
+    ('{"text": "the cat', "the line ends at column 18 inside a string that starts at column 10"),
+    ('{"text": "a" "b"}', "Expecting ',' delimiter at column 14"),
+    ('{"text": "a",}', "Expecting property name enclosed in double quotes at column 14"),
+])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_json_error_names_its_line_and_column(tmp_path, line, problem, newline):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(newline.join(['{"text": "the cat"}', "", line, '{"text": "x"}', ""]).encode())
+    with pytest.raises(datalib.DataError) as error:
+        datalib.read_jsonl(str(path))
+    assert str(error.value) == f"{path}:3: not valid JSON ({problem})"
+
+
+def test_a_byte_order_mark_is_not_a_json_error(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "the cat"}\n')
+    assert datalib.read_jsonl(str(path)).records[0].fields == {"text": "the cat"}
+
+
+@pytest.mark.parametrize("option,values", [
+    ("init=random|vocab", ["random", "vocab"]),   # the README's form
+    ("init=random,vocab", ["random", "vocab"]),
+    ("seed=0|1|2", ["0", "1", "2"]),
+    ("lr = 0.01, 0.03", ["0.01", "0.03"]),
+    ("init=random|text:great movie, good film", ["random", "text:great movie, good film"]),
+    ("init=text:a, b", ["text:a, b"]),
+])
+def test_sweep_values_are_separated_by_commas_or_bars(option, values):
+    from softprompt_kernels.train.candidates import parse_sweeps
+
+    assert list(parse_sweeps([option]).values()) == [values]
+
+
+def test_sweep_with_both_separators_is_refused():
+    from softprompt_kernels.train.candidates import parse_sweeps
+
+    with pytest.raises(ValueError, match="with ',' or with '[|]', not both"):
+        parse_sweeps(["seed=0,1|2"])
+
+
+def test_sweep_over_inits_as_the_readme_writes_it(files, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("--model", files["model"], "--data", files["text"], "--num-virtual-tokens", 2, "--steps", 1,
+                   "--batch", 4, "--sweep", "init=random|vocab", "--out", out) == 0
+    names = [c["name"] for c in json.loads((out / "metrics.json").read_text())["candidates"]]
+    assert names == ["k2-random-s0-lr0p03", "k2-vocab-s0-lr0p03"]
+
+
+@pytest.mark.parametrize("command", ["train", "inspect", "toy-model"])
+def test_help_gives_each_default_once_and_flags_read_right(capsys, command):
+    import re
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    options = re.split(r"\n  (?=-)", out.split("options:", 1)[1])
+    for option in options:
+        assert option.count("default") <= 1, option
+    for wrong in ("(default: None)", "(default: True)", "(default: False)", "(default: [])"):
+        assert wrong not in out
+    if command == "train":
+        flat = " ".join(out.split())
+        assert "--no-progress hide the progress bar (shown by default)" in flat
+        assert "--lr LR AdamW learning rate (default: 0.03)" in flat
+        assert "(default: --eval-every)" in flat and "--eval-every) (default" not in flat
+        assert "init='random|vocab'" in flat
+
+
 @pytest.mark.parametrize("args,message", [
     (["--init", "vocab", "--method", "prefix"], "--init 'vocab' does not apply to --method prefix"),
     (["--sweep", "depth=1,2"], "'depth' is not sweepable"),
@@ -242,6 +315,8 @@ def test_classification_on_minilm_trains_and_plain_peft_agrees(tmp_path):
     assert 0.0 <= candidate["final_eval_accuracy"] <= 1.0
     labels = json.loads((out / "labels.json").read_text())
     assert labels == ["negative", "positive"]
+    # PEFT's get_peft_model lists the SEQ_CLS heads twice in its config; the saved config has each once
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(minilm.MODEL_DIR, num_labels=2)
     peft_model = PeftModel.from_pretrained(base, out).eval()

@@ -454,6 +454,8 @@ def plot(records: Sequence[Record], png_path, case_key: str = "") -> Path:
     """Grouped bars per case: throughput per provider (top) and speed-up vs the baseline (bottom).
     ``case_key`` explains the case labels on the x axis. Uses the Agg backend, so no display is
     needed; raises ImportError without matplotlib."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,7 +465,8 @@ def plot(records: Sequence[Record], png_path, case_key: str = "") -> Path:
     labels = list(cases)
     metric_name, metric = _throughput(records)
     width = 0.8 / max(1, len(names))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(labels) + 3), 9), sharex=True)
+    fig_width = max(8.0, 1.1 * len(labels) + 3)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(fig_width, 9), sharex=True)
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(labels))]
         top.bar(xs, [metric(cases[c][name]) if name in cases[c] else 0.0 for c in labels], width, label=name)
@@ -472,10 +475,14 @@ def plot(records: Sequence[Record], png_path, case_key: str = "") -> Path:
     top.set_ylabel(metric_name)
     bottom.set_ylabel(f"speed-up vs {baseline} (x, higher is better)")
     top.set_title(f"{records[0].bench} on {records[0].device} ({records[0].commit})" if records else "")
-    top.legend(title="provider")
+    top.margins(y=0.25)  # room above the bars for the legend
+    top.legend(title="provider", loc="upper left", ncols=min(len(names), 4), fontsize=8, title_fontsize=8)
     bottom.set_xticks(range(len(labels)))
     bottom.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
-    bottom.set_xlabel("case" + (f": {case_key}" if case_key else ""), fontsize=8)
+    # The key can be longer than the figure is wide: wrapped (about 14 characters of 8-point text per inch,
+    # with a margin), tight_layout then raises the axes to make room for its lines.
+    key = "case" + (f": {case_key}" if case_key else "")
+    bottom.set_xlabel(textwrap.fill(key, width=max(40, int(fig_width * 13))), fontsize=8)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)

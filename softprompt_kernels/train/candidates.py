@@ -54,7 +54,10 @@ def check_candidate(candidate: Candidate) -> None:
 
 
 def parse_sweeps(options: Sequence[str]) -> Dict[str, List[str]]:
-    """``["num_virtual_tokens=10,20", "seed=0,1"]`` -> ``{"num_virtual_tokens": ["10", "20"], ...}``."""
+    """``["num_virtual_tokens=10,20", "init=random|vocab"]`` -> ``{"num_virtual_tokens": ["10", "20"], ...}``.
+
+    Values are separated by ``,`` or ``|`` (one of the two per option); text inits may hold commas, so an
+    option with a ``text:`` value splits on ``|`` only."""
     sweeps: Dict[str, List[str]] = {}
     for option in options:
         key, sep, values = option.partition("=")
@@ -66,7 +69,9 @@ def parse_sweeps(options: Sequence[str]) -> Dict[str, List[str]]:
         if key in sweeps:
             raise ValueError(f"--sweep {key} given twice")
         # text inits may hold commas: 'init=random,text:a, b' is ambiguous, so text values split on '|'
-        parts = values.split("|") if "text:" in values else values.split(",")
+        if "text:" not in values and "|" in values and "," in values:
+            raise ValueError(f"--sweep {key}: separate the values with ',' or with '|', not both: {values!r}")
+        parts = values.split("|") if "text:" in values or "|" in values else values.split(",")
         parts = [p.strip() for p in parts if p.strip()]
         if len(set(parts)) != len(parts):
             raise ValueError(f"--sweep {key} repeats a value: {parts}")

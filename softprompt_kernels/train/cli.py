@@ -8,8 +8,25 @@ from dataclasses import fields
 from .candidates import INITS, METHODS, SWEEPABLE
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help with its default once: ``(default: X)`` is added unless the help already says what the
+    default is, the option is a flag (store_true / store_false: the help says what giving it does), or there is no
+    default to show (None, an empty list: a required option, or one whose absence the help explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS, [], ()):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a Hugging Face model directory (with its tokenizer)")
+    parser.formatter_class = HelpFormatter
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face model directory with its tokenizer (to try the command: "
+                             "softprompt-kernels toy-model DIR writes a toy one)")
     parser.add_argument("--data", required=True, metavar="FILE.jsonl",
                         help='training data: {"text"} lines (causal LM), {"prompt", "completion"} (loss on the '
                              'completion) or {"text", "label"} (sequence classification, encoders)')
@@ -40,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint (--steps/--epochs may be raised)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                        help=f"train every combination together (repeatable); keys: {', '.join(SWEEPABLE)}; "
-                             "text inits are separated by '|' (init=random|text:great movie)")
+                        help=f"train every combination together (repeatable); keys: {', '.join(SWEEPABLE)}; values "
+                             "separated by ',' or '|' (seed=0,1,2 or init='random|vocab'); text inits, which may "
+                             "hold commas, by '|' only (init='random|text:great movie, good film')")
     parser.add_argument("--save-all", action="store_true", dest="save_all",
                         help="also save every candidate's adapter under OUT/candidates/NAME")
     parser.add_argument("--max-length", type=int, dest="max_length",
@@ -62,8 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, dest="save_every",
                         help="steps between checkpoints (default: --eval-every)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
-    parser.add_argument("--no-plot", action="store_false", dest="plot", help="no PNG plots")
+    parser.add_argument("--no-progress", action="store_false", dest="progress",
+                        help="hide the progress bar (shown by default)")
+    parser.add_argument("--no-plot", action="store_false", dest="plot",
+                        help="write no PNG plots (loss.png, sweep.png are written by default)")
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -46,7 +46,7 @@ class Dataset:
 def read_jsonl(path: str, expected_kind: Optional[str] = None) -> Dataset:
     """Reads and checks a JSONL file; ``expected_kind`` (the training file's) is enforced on eval files."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, encoding="utf-8-sig")  # a byte-order mark at the start is not part of line 1
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
     kind, records = expected_kind, []
@@ -55,10 +55,11 @@ def read_jsonl(path: str, expected_kind: Optional[str] = None) -> Dataset:
             if not line.strip():
                 continue
             where = f"{path}:{number}"
+            text = line.rstrip("\r\n")  # the line's own characters: an error at its end is on it, not on the next
             try:
-                obj = json.loads(line)
+                obj = json.loads(text)
             except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+                raise DataError(f"{where}: not valid JSON ({_json_problem(error, text)})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             line_kind = KINDS.get(frozenset(obj))
@@ -81,6 +82,16 @@ def read_jsonl(path: str, expected_kind: Optional[str] = None) -> Dataset:
     if not records:
         raise DataError(f"{path}: no examples")
     return Dataset(path, kind, records)
+
+
+def _json_problem(error: json.JSONDecodeError, text: str) -> str:
+    """Where and why a line is not JSON, in columns of the line (1-based characters)."""
+    end = len(text) + 1  # the column right after the line's last character
+    if error.msg.startswith("Unterminated string"):
+        return f"the line ends at column {end} inside a string that starts at column {error.colno}"
+    if error.pos >= len(text):
+        return f"the line ends at column {end} before the JSON value is complete: {error.msg}"
+    return f"{error.msg} at column {error.colno}"
 
 
 def _invalid_label(obj: Dict[str, object]) -> bool:

@@ -221,6 +221,9 @@ def _render(headers: Sequence[str], rows: List[List[str]], text_last: bool = Fal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import HelpFormatter
+
+    parser.formatter_class = HelpFormatter
     parser.add_argument("adapter", help="a PEFT prompt-learning adapter directory (written by save_pretrained)")
     parser.add_argument("--model", metavar="DIR", default=None,
                         help="the base model directory (required unless the adapter's base_model_name_or_path "

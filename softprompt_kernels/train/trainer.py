@@ -397,6 +397,11 @@ def save_adapter(run: Run, state: CandidateState, directory: Path) -> None:
     import tempfile
 
     directory.mkdir(parents=True, exist_ok=True)
+    # PEFT's get_peft_model appends a task's head names ("classifier", "score" for SEQ_CLS) to modules_to_save
+    # twice (PEFT 0.21); add_adapter does not. Each module once in the saved config, whichever way it came.
+    config = run.peft_model.peft_config[state.candidate.name]
+    if getattr(config, "modules_to_save", None):
+        config.modules_to_save = list(dict.fromkeys(config.modules_to_save))
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         run.peft_model.save_pretrained(tmp, selected_adapters=[state.candidate.name])
         saved = Path(tmp) / state.candidate.name  # PEFT puts non-default adapters in a subdirectory
