@@ -17,12 +17,12 @@ import functools
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from ..insertion import insert_prompts
 from . import compat, adaption_prompt
 from .attention import SoftPromptContext, use_softprompt_attention
 from .families import family_of
+from .losses import adapter_lm_losses, cpt_loss, prompt_lm_loss, token_classification_loss
 from .multi_prompt import build_bank
 from .positions import text_positions
 from .prompts import (check_task_ids, context_for, multitask_prompts, prefix_tuning_layers, prompt_embeddings,
@@ -167,7 +167,7 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
                 output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
     if per_adapter:  # the model's loss (labels shifted inside), and each adapter's share of it
         num_items = kwargs.get("num_items_in_batch")
-        loss, adapter_losses = _lm_loss(None, out.logits, labels, num_items, None, context.prompt_ids,
+        loss, adapter_losses = adapter_lm_losses(None, out.logits, labels, num_items, None, context.prompt_ids,
                                         len(context.prefix_lens) if context.prefix_lens is not None else 0)
         out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
         out["adapter_losses"] = adapter_losses
@@ -221,15 +221,15 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
                 position_ids=position_ids, output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
     if labels is not None and cpt:
-        loss = _cpt_loss(prompt_pass.logits, out.logits, labels, input_type_mask, config)
+        loss = cpt_loss(prompt_pass.logits, out.logits, labels, input_type_mask, config)
         out = type(out)(loss=loss, **out)
     elif labels is not None:  # rebuilt, not assigned: the loss must come first in the tuple form
         if adapter_names is None:
-            out = type(out)(loss=_prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt), **out)
+            out = type(out)(loss=prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt), **out)
         else:
-            loss, adapter_losses = _lm_loss(first_logits, out.logits, labels, num_items, has_prompt,
-                                            context.prompt_ids, len(context.prefix_lens)
-                                            if context.prefix_lens is not None else 0)
+            loss, adapter_losses = adapter_lm_losses(first_logits, out.logits, labels, num_items, has_prompt,
+                                                     context.prompt_ids, len(context.prefix_lens)
+                                                     if context.prefix_lens is not None else 0)
             out = type(out)(loss=loss, **out)
             out["adapter_losses"] = adapter_losses
     return _as_requested(out, return_dict, model)
@@ -276,7 +276,7 @@ def _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds
                 softprompt_context=context, **kwargs)
     fields = {name: _text_rows(value) for name, value in out.items() if name not in ("loss", "past_key_values")}
     if labels is not None:
-        loss = _prompt_lm_loss(out.logits[:1, k - 1], fields["logits"], labels, num_items)
+        loss = prompt_lm_loss(out.logits[:1, k - 1], fields["logits"], labels, num_items)
         fields = {"loss": loss, **fields}  # the loss first, as in the tuple form
     return _as_requested(type(out)(**fields), return_dict, model)
 
@@ -288,103 +288,6 @@ def _text_rows(value):
     if isinstance(value, tuple):
         return tuple(_text_rows(v) for v in value)
     return value
-
-
-def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, has_prompt=None):
-    """PEFT's loss over [prompt; text]: the last prompt position predicts labels[:, 0] of every row.
-
-    ``first_logits`` is [1, V] (one prompt) or [B, V] (a row's own); rows without a prompt
-    (``has_prompt`` False) have no position before their first token, so it is not predicted.
-    """
-    vocab = text_logits.shape[-1]
-    labels, first_labels = _prompt_labels(labels.to(text_logits.device), has_prompt)
-    if first_logits is None:  # no row has a prompt
-        first = text_logits.new_zeros((), dtype=torch.float32)
-    else:
-        first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), first_labels,
-                                ignore_index=-100, reduction="sum")
-    # Position t predicts labels[:, t + 1]; the last position predicts nothing (-100). Shifting the
-    # labels instead of slicing the logits keeps the [B * n, V] logits a view (the slice was copied).
-    next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    rest = F.cross_entropy(text_logits.float().reshape(-1, vocab), next_labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
-    return (first + rest) / count
-
-
-def _cpt_loss(prompt_logits, text_logits, labels, input_type_mask, config):
-    """CPT's loss (PEFT's CPTEmbedding.calculate_loss) without the [B, k + n, V] logits of the concatenation.
-
-    CPT also predicts its context tokens: over [prompt; text] position t predicts label t + 1, where the
-    prompt's labels are ``cpt_token_ids`` and only positions whose type (prompt types, then the row's
-    ``input_type_mask`` shifted past them) is a positive multiple of 4 count, optionally weighted by an
-    exponential decay over a row's label groups, last group first. The prompt's positions (``prompt_logits
-    [k, V]``, computed once) are the same for every row; their weights are not.
-    """
-    batch, length = labels.shape
-    k, vocab = prompt_logits.shape
-    device = text_logits.device
-    labels = labels.to(device)
-    if input_type_mask is None:
-        input_type_mask = torch.full((batch, length), 4, device=device)
-    prefix_labels = torch.tensor(config.cpt_token_ids, device=device).long()[None].expand(batch, k)
-    prefix_types = torch.tensor(config.cpt_tokens_type_mask, device=device).long()[None].expand(batch, k)
-    input_types = input_type_mask.to(device).long()
-    input_types = torch.where(input_types > 0, input_types + prefix_types.max(), input_types)
-    types = torch.cat([prefix_types, input_types], dim=1)
-    all_labels = torch.cat([prefix_labels, labels], dim=1).masked_fill(~((types > 0) & (types % 4 == 0)), -100)
-    next_labels, next_types = all_labels[:, 1:], types[:, 1:]  # [B, k + n - 1]
-    ce = functools.partial(F.cross_entropy, ignore_index=-100, reduction="none")
-    prompt_part = ce(prompt_logits[:-1].float(), next_labels[0, :k - 1])[None].expand(batch, k - 1)
-    first = ce(prompt_logits[-1:].float().expand(batch, vocab), next_labels[:, k - 1])[:, None]
-    text = ce(text_logits[:, :-1].float().reshape(-1, vocab), next_labels[:, k:].reshape(-1)).view(batch, length - 1)
-    losses = torch.cat([prompt_part, first, text], dim=1)
-    valid = next_labels != -100
-    weights = valid.float()
-    if config.opt_weighted_loss_type == "decay":
-        for row in range(batch):
-            groups = next_types[row][(next_types[row] > 0) & (next_types[row] % 4 == 0)].unique()
-            decay, value = torch.ones_like(weights[row]), 1.0
-            for group in torch.flip(groups, [0]):
-                decay[next_types[row] == group] = value
-                value *= config.opt_loss_decay_factor
-            weights[row] = weights[row] * decay
-    return (losses[valid] * weights[valid]).mean()
-
-
-def _prompt_labels(labels, has_prompt):
-    """(labels with the first token unpredicted in rows without a prompt, those first labels [B])."""
-    first_labels = labels[:, 0] if has_prompt is None else torch.where(has_prompt, labels[:, 0], -100)
-    if has_prompt is not None:
-        labels = torch.cat([first_labels[:, None], labels[:, 1:]], dim=1)
-    return labels, first_labels
-
-
-def _lm_loss(first_logits, text_logits, labels, num_items_in_batch, has_prompt, prompt_ids, num_adapters):
-    """The batch's loss and each adapter's own loss ``[num_adapters]`` (its rows' token losses over its
-    rows' token count): what training several adapters in one batch needs, each on its own objective.
-
-    ``first_logits`` None: the model's loss (position t predicts t + 1: prefix tuning); else the prompt
-    methods' (the last prompt position predicts labels[:, 0], as in ``_prompt_lm_loss``).
-    """
-    vocab = text_logits.shape[-1]
-    labels = labels.to(text_logits.device)
-    next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    token_losses = F.cross_entropy(text_logits.float().reshape(-1, vocab), next_labels.reshape(-1),
-                                   ignore_index=-100, reduction="none").view(labels.shape)
-    row_losses, row_counts = token_losses.sum(1), (next_labels != -100).sum(1)
-    if first_logits is not None:
-        labels, first_labels = _prompt_labels(labels, has_prompt)
-        first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), first_labels,
-                                ignore_index=-100, reduction="none")
-        row_losses, row_counts = row_losses + first, row_counts + (first_labels != -100)
-    count = num_items_in_batch if num_items_in_batch is not None else row_counts.sum()
-    loss = row_losses.sum() / count
-    rows = prompt_ids >= 0  # rows of the bare model belong to no adapter
-    ids = prompt_ids[rows]
-    sums = row_losses.new_zeros(num_adapters).index_add(0, ids, row_losses[rows])
-    counts = row_counts.new_zeros(num_adapters).index_add(0, ids, row_counts[rows])
-    return loss, sums / counts
 
 
 # --- encoders (bidirectional attention)
@@ -446,9 +349,7 @@ def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_em
     if per_token:
         out.logits = out.logits[:, k:]
         if labels is not None:
-            loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
-                                   labels.to(out.logits.device).reshape(-1), ignore_index=-100)
-            out = type(out)(loss=loss, **out)
+            out = type(out)(loss=token_classification_loss(out.logits, labels), **out)
     return _as_requested(out, return_dict, model)
 
 
