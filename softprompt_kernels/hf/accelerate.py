@@ -109,14 +109,17 @@ def is_accelerated(peft_model) -> bool:
 
 def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                     output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                    position_ids=None, **kwargs):
+                    position_ids=None, adapter_names=None, **kwargs):
     """KV-prefix methods (PREFIX_TUNING, CARTRIDGE) on a causal decoder: every layer's prefix into the op, the
     model's own loss. ``position_ids`` given are PEFT's: offset by k, as the prefix's positions come first.
+
+    ``adapter_names`` [B] (optional): each row's adapter among the model's KV-prefix adapters (None: the bare model
+    for that row); one bank, every row its own prefix and positions (hf/multi_prompt.py). With labels the output
+    also carries ``adapter_losses`` [A], each distinct adapter's loss over its own rows, in order of first use.
     """
     method = method_of(compat.active_config(self))
     model = self.get_base_model()
     batch, length, device = calls.batch_and_length(input_ids, inputs_embeds)
-    adapter_names = kwargs.pop("adapter_names", None)
     prompt = _text_prompt(self, model, method, adapter_names, task_ids, batch, device, want_logits=False)
     past = _cache_back(model, attention_mask, length, kwargs)
     if position_ids is None:
@@ -137,10 +140,17 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
 
 def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                     output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                    position_ids=None, **kwargs):
+                    position_ids=None, adapter_names=None, input_type_mask=None, **kwargs):
     """Prompt methods (PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING, CPT) on a causal decoder: the prompt's
     per-layer K/V from one pass (or packed with the text on a sharded model), the loss of the method's row.
     ``position_ids`` are ignored with PEFT's warning: text positions start at each row's k.
+
+    ``adapter_names`` [B] (optional; PROMPT_TUNING and P_TUNING): each row's adapter among the model's prompt
+    adapters (None: the bare model for that row); their prompts run through the model together and every row
+    reads its own (hf/multi_prompt.py). With labels the output also carries ``adapter_losses`` [A], each distinct
+    adapter's loss over its own rows, in order of first use.
+    ``task_ids`` [B]: MULTITASK_PROMPT_TUNING's task of each row. ``input_type_mask`` [B, n]: CPT's token types of
+    the text, as in PEFT (None: every token a label). Other methods ignore both.
     """
     config = compat.active_config(self)
     method = method_of(config)
@@ -150,9 +160,7 @@ def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     batch, length, device = calls.batch_and_length(input_ids, inputs_embeds)
     if position_ids is not None:
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
-    adapter_names = kwargs.pop("adapter_names", None)
     method.check_adapter_names(adapter_names)
-    input_type_mask = kwargs.pop("input_type_mask", None)
     if method.packs_when_sharded and adapter_names is None and _packs_prompt(self, model, length, kwargs):
         return _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds, labels,
                                       output_attentions, output_hidden_states, return_dict, kwargs)

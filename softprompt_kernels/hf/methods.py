@@ -56,7 +56,9 @@ Loss = Callable[..., torch.Tensor]
 class Method:
     """How one prompt-learning PEFT type runs on the fused kernels (a row of ``METHODS``)."""
 
-    kv_prefix: bool  # a per-layer K/V prefix the text pass reads as it is; else a prompt (run through the model first)
+    # True: a per-layer K/V prefix the text pass reads as it is; False: a prompt that decoders run through the model
+    # first and encoders insert. It picks the forward accelerate() installs.
+    kv_prefix: bool
     text_prompt: TextPrompt
     encoder_prompts: Optional[EncoderPrompts] = None  # prompt methods on encoders: inserted into layer 0
     loss: Optional[Loss] = None  # None: the model's own loss (the labels go to the model)
