@@ -73,12 +73,15 @@ def test_torch_save_and_load_of_an_accelerated_model(method):
     assert loaded.forward.args[0] is loaded  # bound to the loaded model, not the original
 
 
-def test_forward_keeps_its_signature_for_trainer():
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_forward_keeps_its_signature_for_trainer(method):
     import inspect
 
-    model = sk.accelerate(peft_model("llama", "prompt"))
+    model = sk.accelerate(peft_model("llama", method))
     parameters = inspect.signature(model.forward).parameters
     assert "input_ids" in parameters and "labels" in parameters and "self" not in parameters
+    assert "adapter_names" in parameters  # an argument of its own, documented, not hidden in **kwargs
+    assert ("input_type_mask" in parameters) == (method == "prompt")  # CPT's, taken by the prompt methods' forward
 
 
 def test_generation_config_on_the_peft_model_is_honoured():

@@ -3,12 +3,16 @@
 The PEFT model keeps its modules and parameter objects (optimizers made before keep working, PEFT's
 ``save_pretrained``/``from_pretrained`` are untouched); its ``forward`` and ``generate`` are replaced
 on the instance and its base model switches to softprompt attention. ``restore`` undoes all three.
+What each PEFT type contributes (its context, its loss, what it refuses) is its row of the method table
+(hf/methods.py); this module holds the causal decoders' forwards, encoders' are in hf/encoders.py and
+``generate`` in hf/generation.py.
 
 Causal decoders (docs/DESIGN.md section 3, exact):
-- PREFIX_TUNING: each layer's prefix goes straight into ``prefix_attention``; never expanded over the
+- PREFIX_TUNING, CARTRIDGE: each layer's prefix goes straight into ``prefix_attention``; never expanded over the
   batch, never concatenated, never in the KV cache.
-- PROMPT_TUNING / P_TUNING: the prompt runs once per call through the frozen model (batch 1); its
-  per-layer K/V is the prefix; the last prompt position's logits give every row's first-token loss.
+- PROMPT_TUNING / P_TUNING / MULTITASK_PROMPT_TUNING / CPT: the prompt runs once per call through the frozen model
+  (batch 1, or one row per distinct task); its per-layer K/V is the prefix; the last prompt position's logits give
+  every row's first-token loss (CPT: every prompt position's logits, for its own loss).
 Text positions start at k (PEFT's convention); ``logits`` cover the text positions only.
 """
 from __future__ import annotations
@@ -17,24 +21,18 @@ import functools
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from ..ops import insert_prompts
-from . import compat, adaption_prompt
+from . import calls, compat, encoders
 from .attention import SoftPromptContext, use_softprompt_attention
 from .families import family_of
-from .multi_prompt import build_bank
+from .generation import generate
+from .losses import adapter_lm_losses, prompt_lm_loss
+from .methods import METHODS, SUPPORTED_METHODS, OwnModule, bank_prompt, method_of, num_adapters, refusal
 from .positions import text_positions
-from .prompts import (check_task_ids, context_for, multitask_prompts, prefix_tuning_layers, prompt_embeddings,
-                      run_prompt_once, task_prompts)
-from .sharding import is_sharded
+from .prompts import prompt_embeddings
+from .sharding import is_sharded  # looked up here on every forward: tests and benchmarks switch packing with it
 
-SUPPORTED_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE", "CPT",
-                     "ADAPTION_PROMPT")
-MULTITASK = "MULTITASK_PROMPT_TUNING"
-DECODER_TASKS = ("CAUSAL_LM",)
-ENCODER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
-_STATE = "_softprompt_state"
+__all__ = ["AccelerationError", "SUPPORTED_METHODS", "accelerate", "is_accelerated", "restore"]
 
 
 class AccelerationError(ValueError):
@@ -42,197 +40,178 @@ class AccelerationError(ValueError):
 
 
 def accelerate(peft_model):
-    """Accelerates a PEFT prompt-learning model in place and returns it."""
-    if getattr(peft_model, _STATE, None) is not None:
+    """Accelerates a PEFT prompt-learning (or ADAPTION_PROMPT) model in place and returns it."""
+    if is_accelerated(peft_model):
         return peft_model
     config = compat.active_config(peft_model)
-    if config is not None and compat.is_adaption_prompt(config):  # not prompt learning: its own module
-        reason = adaption_prompt.unsupported_reason(peft_model)
+    method = method_of(config)
+    if isinstance(method, OwnModule):  # not prompt learning: its own module replaces PEFT's modules' forwards
+        reason = method.module.unsupported_reason(peft_model)
         if reason is not None:
             raise AccelerationError(reason)
-        adaption_prompt.accelerate(peft_model)
-        setattr(peft_model, _STATE, {"adaption_prompt": True})
+        method.module.accelerate(peft_model)
+        setattr(peft_model, calls.STATE, {"own_module": compat.peft_type_name(config)})
         return peft_model
-    if config is None or not getattr(config, "is_prompt_learning", False):
-        raise AccelerationError("accelerate() takes a PEFT model whose active adapter is PROMPT_TUNING, P_TUNING or "
-                                f"PREFIX_TUNING; got {type(peft_model).__name__}")
-    method = compat.peft_type_name(config)
-    if method not in SUPPORTED_METHODS:
-        raise AccelerationError(f"peft_type {method} is not supported; supported: {list(SUPPORTED_METHODS)}")
     model = peft_model.get_base_model()
-    family = family_of(model.config, model)
-    if method == "CPT" and not family.causal:  # before the task check: this is the reason
-        raise AccelerationError(f"CPT on {family.model_type} (an encoder) is not supported: PEFT's CPT is for causal "
-                                "language models only (its config takes task_type CAUSAL_LM alone)")
-    task = compat.task_type_name(config)
-    tasks = DECODER_TASKS if family.causal else ENCODER_TASKS
-    if task not in tasks:
-        kind = "causal decoders" if family.causal else "encoders"
-        raise AccelerationError(f"task_type {task} on {family.model_type} is not supported; {kind} take {list(tasks)}")
+    family = _checked_family(peft_model, config, method)
     previous_attention = use_softprompt_attention(model)
     if family.causal:
-        forward = _prefix_forward if compat.is_kv_prefix(config) else _prompt_forward
+        forward = _prefix_forward if method.kv_prefix else _prompt_forward
     else:
-        forward = _encoder_prefix_forward if compat.is_kv_prefix(config) else _encoder_prompt_forward
+        forward = encoders.prefix_forward if method.kv_prefix else encoders.prompt_forward
     # partials, not bound methods: they pickle (torch.save of the whole model) and keep the signature
     # (Trainer reads forward's parameters to pick dataset columns)
     state = {"attention": previous_attention, "family": family, "forward": functools.partial(forward, peft_model)}
-    setattr(peft_model, _STATE, state)
+    setattr(peft_model, calls.STATE, state)
     peft_model.forward = state["forward"]
     if family.causal:
-        peft_model.generate = functools.partial(_generate, peft_model)
+        peft_model.generate = functools.partial(generate, peft_model)
     return peft_model
+
+
+def _checked_family(peft_model, config, method):
+    """The base model's family, once the method, its task and the family are known to go together."""
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        raise AccelerationError("accelerate() takes a PEFT model whose active adapter is PROMPT_TUNING, P_TUNING or "
+                                f"PREFIX_TUNING; got {type(peft_model).__name__}")
+    if method is None:
+        raise AccelerationError(f"peft_type {compat.peft_type_name(config)} is not supported; supported: "
+                                f"{list(SUPPORTED_METHODS)}")
+    model = peft_model.get_base_model()
+    family = family_of(model.config, model)
+    reason = refusal(method, config, family)
+    if reason is not None:
+        raise AccelerationError(reason)
+    return family
 
 
 def restore(peft_model):
     """Undoes ``accelerate``; returns the model."""
-    state = getattr(peft_model, _STATE, None)
+    state = calls.state(peft_model)
     if state is None:
         return peft_model
-    if state.get("adaption_prompt"):
-        adaption_prompt.restore(peft_model)
-        delattr(peft_model, _STATE)
+    if "own_module" in state:
+        METHODS[state["own_module"]].module.restore(peft_model)
+        delattr(peft_model, calls.STATE)
         return peft_model
     for name in ("forward", "generate"):
         peft_model.__dict__.pop(name, None)
     compat.set_attention_implementation(peft_model.get_base_model(), state["attention"])
-    delattr(peft_model, _STATE)
+    delattr(peft_model, calls.STATE)
     return peft_model
 
 
 def is_accelerated(peft_model) -> bool:
-    return getattr(peft_model, _STATE, None) is not None
+    return calls.state(peft_model) is not None
 
 
-def _family(peft_model):
-    """The family accelerate() found (checked once there, not on every forward)."""
-    return getattr(peft_model, _STATE)["family"]
-
-
-def _adapter_disabled(peft_model) -> bool:
-    """Inside PEFT's ``with model.disable_adapter():`` PEFT swaps the model's forward for the base model's."""
-    return peft_model.__dict__.get("forward") is not getattr(peft_model, _STATE)["forward"]
-
-
-def _as_requested(out, return_dict, model):
-    """The output as a ModelOutput or, with return_dict=False (or the config's use_return_dict off), a tuple."""
-    if return_dict is None:
-        return_dict = getattr(model.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
-
-
-def _check_mask(attention_mask, length: int, past: int) -> None:
-    if attention_mask is not None and attention_mask.shape[-1] != past + length:
-        raise ValueError(f"attention_mask must cover the {past} cached and {length} new tokens ([B, {past + length}]), "
-                         f"got shape {tuple(attention_mask.shape)}")
-
-
-# --- positions and cache arguments
-
-
-def _batch_and_length(input_ids, inputs_embeds):
-    x = input_ids if input_ids is not None else inputs_embeds
-    if x is None:
-        raise ValueError("pass input_ids or inputs_embeds")
-    return x.shape[0], x.shape[1], x.device
-
-
-# --- forward
-
+# --- causal decoders
 
 def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                     output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                    position_ids=None, **kwargs):
+                    position_ids=None, adapter_names=None, **kwargs):
+    """KV-prefix methods (PREFIX_TUNING, CARTRIDGE) on a causal decoder: every layer's prefix into the op, the
+    model's own loss. ``position_ids`` given are PEFT's: offset by k, as the prefix's positions come first.
+
+    ``adapter_names`` [B] (optional): each row's adapter among the model's KV-prefix adapters (None: the bare model
+    for that row); one bank, every row its own prefix and positions (hf/multi_prompt.py). With labels the output
+    also carries ``adapter_losses`` [A], each distinct adapter's loss over its own rows, in order of first use.
+    """
+    method = method_of(compat.active_config(self))
     model = self.get_base_model()
-    batch, length, device = _batch_and_length(input_ids, inputs_embeds)
-    adapter_names = kwargs.pop("adapter_names", None)
-    if adapter_names is not None:
-        bank = build_bank(self, model, adapter_names, batch, device, want_logits=False)
-        k, context = bank.row_lengths, bank.context
-    else:
-        k = compat.active_config(self).num_virtual_tokens
-        context = context_for(prefix_tuning_layers(self))
-    cache = compat.pop_cache(kwargs)
-    past = cache.get_seq_length() if cache is not None else 0
-    _check_mask(attention_mask, length, past)
+    batch, length, device = calls.batch_and_length(input_ids, inputs_embeds)
+    prompt = _text_prompt(self, model, method, adapter_names, task_ids, batch, device, want_logits=False)
+    past = _cache_back(model, attention_mask, length, kwargs)
     if position_ids is None:
-        position_ids = text_positions(_family(self), k, length, attention_mask=attention_mask, past=past, batch=batch, device=device)
-    else:
-        position_ids = position_ids + (k[:, None] if isinstance(k, torch.Tensor) else k)  # PEFT's offset
-    if cache is not None:
-        kwargs[compat.cache_argument(model)] = cache
+        position_ids = text_positions(calls.family(self), prompt.lengths, length, attention_mask=attention_mask,
+                                      past=past, batch=batch, device=device)
+    else:  # PEFT's offset
+        k = prompt.lengths
+        position_ids = position_ids + (k[:, None] if isinstance(k, torch.Tensor) else k)
     per_adapter = adapter_names is not None and labels is not None
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 labels=None if per_adapter else labels, position_ids=position_ids, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
+                output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=prompt.context,
+                **kwargs)
     if per_adapter:  # the model's loss (labels shifted inside), and each adapter's share of it
-        num_items = kwargs.get("num_items_in_batch")
-        loss, adapter_losses = _lm_loss(None, out.logits, labels, num_items, None, context.prompt_ids,
-                                        len(context.prefix_lens) if context.prefix_lens is not None else 0)
-        out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
-        out["adapter_losses"] = adapter_losses
-    return _as_requested(out, return_dict, model)
+        out = _with_adapter_losses(out, prompt, labels, kwargs.get("num_items_in_batch"))
+    return calls.as_requested(out, return_dict, model)
 
 
 def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                     output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                    position_ids=None, **kwargs):
+                    position_ids=None, adapter_names=None, input_type_mask=None, **kwargs):
+    """Prompt methods (PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING, CPT) on a causal decoder: the prompt's
+    per-layer K/V from one pass (or packed with the text on a sharded model), the loss of the method's row.
+    ``position_ids`` are ignored with PEFT's warning: text positions start at each row's k.
+
+    ``adapter_names`` [B] (optional; PROMPT_TUNING and P_TUNING): each row's adapter among the model's prompt
+    adapters (None: the bare model for that row); their prompts run through the model together and every row
+    reads its own (hf/multi_prompt.py). With labels the output also carries ``adapter_losses`` [A], each distinct
+    adapter's loss over its own rows, in order of first use.
+    ``task_ids`` [B]: MULTITASK_PROMPT_TUNING's task of each row. ``input_type_mask`` [B, n]: CPT's token types of
+    the text, as in PEFT (None: every token a label). Other methods ignore both.
+    """
+    config = compat.active_config(self)
+    method = method_of(config)
     model = self.get_base_model()
     if inputs_embeds is not None:
         input_ids = None  # PEFT's prompt tuning uses the embeddings when given both
-    batch, length, device = _batch_and_length(input_ids, inputs_embeds)
+    batch, length, device = calls.batch_and_length(input_ids, inputs_embeds)
     if position_ids is not None:
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
-    adapter_names = kwargs.pop("adapter_names", None)
-    has_prompt = None
-    config = compat.active_config(self)
-    multitask = compat.peft_type_name(config) == MULTITASK
-    cpt = compat.peft_type_name(config) == "CPT"
-    if multitask and adapter_names is not None:
-        raise ValueError("adapter_names does not apply to MULTITASK_PROMPT_TUNING adapters: pass task_ids (one task "
-                         "per row) instead")
-    if cpt and adapter_names is not None:
-        raise ValueError("adapter_names is not supported with CPT adapters (their loss is CPT's own)")
-    input_type_mask = kwargs.pop("input_type_mask", None)
-    if not (multitask or cpt) and adapter_names is None and _packs_prompt(self, model, length, kwargs):
+    method.check_adapter_names(adapter_names)
+    if method.packs_when_sharded and adapter_names is None and _packs_prompt(self, model, length, kwargs):
         return _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds, labels,
                                       output_attentions, output_hidden_states, return_dict, kwargs)
-    if adapter_names is not None:
-        bank = build_bank(self, model, adapter_names, batch, device, want_logits=labels is not None)
-        k, context, first_logits = bank.row_lengths, bank.context, bank.first_logits
-        has_prompt = bank.row_lengths > 0
-    elif multitask:
-        k = config.num_virtual_tokens
-        task_ids = check_task_ids(task_ids, batch, config.num_tasks, device)
-        context, first_logits = multitask_prompts(self, model, task_ids, want_logits=labels is not None)
-    else:
-        k = config.num_virtual_tokens
-        prompt_pass = run_prompt_once(model, prompt_embeddings(self, model), want_logits=labels is not None,
-                                      all_logits=cpt and labels is not None)
-        context, first_logits = context_for(prompt_pass.layers), prompt_pass.last_logits
-    cache = compat.pop_cache(kwargs)
-    past = cache.get_seq_length() if cache is not None else 0
-    _check_mask(attention_mask, length, past)
-    position_ids = text_positions(_family(self), k, length, attention_mask=attention_mask, past=past, batch=batch, device=device)
-    if cache is not None:
-        kwargs[compat.cache_argument(model)] = cache
+    prompt = _text_prompt(self, model, method, adapter_names, task_ids, batch, device, want_logits=labels is not None)
+    past = _cache_back(model, attention_mask, length, kwargs)
+    position_ids = text_positions(calls.family(self), prompt.lengths, length, attention_mask=attention_mask, past=past,
+                                  batch=batch, device=device)
     num_items = kwargs.pop("num_items_in_batch", None)
     out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 position_ids=position_ids, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=context, **kwargs)
-    if labels is not None and cpt:
-        loss = _cpt_loss(prompt_pass.logits, out.logits, labels, input_type_mask, config)
-        out = type(out)(loss=loss, **out)
+                output_hidden_states=output_hidden_states, return_dict=True, softprompt_context=prompt.context,
+                **kwargs)
+    if labels is not None and adapter_names is not None:
+        out = _with_adapter_losses(out, prompt, labels, num_items)
     elif labels is not None:  # rebuilt, not assigned: the loss must come first in the tuple form
-        if adapter_names is None:
-            out = type(out)(loss=_prompt_lm_loss(first_logits, out.logits, labels, num_items, has_prompt), **out)
-        else:
-            loss, adapter_losses = _lm_loss(first_logits, out.logits, labels, num_items, has_prompt,
-                                            context.prompt_ids, len(context.prefix_lens)
-                                            if context.prefix_lens is not None else 0)
-            out = type(out)(loss=loss, **out)
-            out["adapter_losses"] = adapter_losses
-    return _as_requested(out, return_dict, model)
+        out = type(out)(loss=method.loss(prompt, out.logits, labels, num_items, input_type_mask, config), **out)
+    return calls.as_requested(out, return_dict, model)
+
+
+
+def _text_prompt(self, model, method, adapter_names, task_ids, batch: int, device, want_logits: bool):
+    """The bank of the adapters the rows name, or else the active adapter's prompt (its method's row)."""
+    if adapter_names is not None:
+        return bank_prompt(self, model, adapter_names, batch, device, want_logits)
+    return method.text_prompt(self, model, task_ids, batch, device, want_logits)
+
+
+def _cache_back(model, attention_mask, length: int, kwargs) -> int:
+    """The cached length; checks that the mask covers cache and text, and puts the cache back into ``kwargs``
+    under the model's name for it."""
+    cache = compat.pop_cache(kwargs)
+    past = cache.get_seq_length() if cache is not None else 0
+    if attention_mask is not None and attention_mask.shape[-1] != past + length:
+        raise ValueError(f"attention_mask must cover the {past} cached and {length} new tokens ([B, {past + length}]), "
+                         f"got shape {tuple(attention_mask.shape)}")
+    if cache is not None:
+        kwargs[compat.cache_argument(model)] = cache
+    return past
+
+
+def _with_adapter_losses(out, prompt, labels, num_items_in_batch):
+    """``out`` with the batch's loss first and ``adapter_losses`` [A] (each adapter's over its rows) after."""
+    loss, adapter_losses = adapter_lm_losses(prompt.first_logits, out.logits, labels, num_items_in_batch,
+                                             prompt.has_prompt, prompt.context.prompt_ids,
+                                             num_adapters(prompt.context))
+    out = type(out)(loss=loss, **{name: value for name, value in out.items() if name != "loss"})
+    out["adapter_losses"] = adapter_losses
+    return out
+
+
+# --- the prompt packed with the text (sharded models)
 
 
 def _packs_prompt(self, model, length: int, kwargs) -> bool:
@@ -257,7 +236,7 @@ def _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds
     prompt computed on every rank exactly as in the batch-1 pass. Row 0's logit at position k - 1 predicts every
     row's first token."""
     k = compat.active_config(self).num_virtual_tokens
-    family = _family(self)
+    family = calls.family(self)
     prompt = prompt_embeddings(self, model)  # [1, k, hidden]
     text = model.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
     batch, length = text.shape[0], text.shape[1]
@@ -267,7 +246,8 @@ def _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds
     if attention_mask is not None:
         mask = torch.cat([attention_mask.new_ones(1, length), attention_mask])
     positions = torch.cat([text_positions(family, 0, length, batch=1, device=text.device),
-                           text_positions(family, k, length, attention_mask=attention_mask, batch=batch, device=text.device)])
+                           text_positions(family, k, length, attention_mask=attention_mask, batch=batch,
+                                          device=text.device)])
     kwargs.pop("use_cache", None)
     num_items = kwargs.pop("num_items_in_batch", None)
     context = SoftPromptContext.packed(k, batch + 1, text.device)
@@ -276,9 +256,9 @@ def _packed_prompt_forward(self, model, input_ids, attention_mask, inputs_embeds
                 softprompt_context=context, **kwargs)
     fields = {name: _text_rows(value) for name, value in out.items() if name not in ("loss", "past_key_values")}
     if labels is not None:
-        loss = _prompt_lm_loss(out.logits[:1, k - 1], fields["logits"], labels, num_items)
+        loss = prompt_lm_loss(out.logits[:1, k - 1], fields["logits"], labels, num_items)
         fields = {"loss": loss, **fields}  # the loss first, as in the tuple form
-    return _as_requested(type(out)(**fields), return_dict, model)
+    return calls.as_requested(type(out)(**fields), return_dict, model)
 
 
 def _text_rows(value):
@@ -288,210 +268,3 @@ def _text_rows(value):
     if isinstance(value, tuple):
         return tuple(_text_rows(v) for v in value)
     return value
-
-
-def _prompt_lm_loss(first_logits, text_logits, labels, num_items_in_batch=None, has_prompt=None):
-    """PEFT's loss over [prompt; text]: the last prompt position predicts labels[:, 0] of every row.
-
-    ``first_logits`` is [1, V] (one prompt) or [B, V] (a row's own); rows without a prompt
-    (``has_prompt`` False) have no position before their first token, so it is not predicted.
-    """
-    vocab = text_logits.shape[-1]
-    labels, first_labels = _prompt_labels(labels.to(text_logits.device), has_prompt)
-    if first_logits is None:  # no row has a prompt
-        first = text_logits.new_zeros((), dtype=torch.float32)
-    else:
-        first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), first_labels,
-                                ignore_index=-100, reduction="sum")
-    # Position t predicts labels[:, t + 1]; the last position predicts nothing (-100). Shifting the
-    # labels instead of slicing the logits keeps the [B * n, V] logits a view (the slice was copied).
-    next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    rest = F.cross_entropy(text_logits.float().reshape(-1, vocab), next_labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
-    return (first + rest) / count
-
-
-def _cpt_loss(prompt_logits, text_logits, labels, input_type_mask, config):
-    """CPT's loss (PEFT's CPTEmbedding.calculate_loss) without the [B, k + n, V] logits of the concatenation.
-
-    CPT also predicts its context tokens: over [prompt; text] position t predicts label t + 1, where the
-    prompt's labels are ``cpt_token_ids`` and only positions whose type (prompt types, then the row's
-    ``input_type_mask`` shifted past them) is a positive multiple of 4 count, optionally weighted by an
-    exponential decay over a row's label groups, last group first. The prompt's positions (``prompt_logits
-    [k, V]``, computed once) are the same for every row; their weights are not.
-    """
-    batch, length = labels.shape
-    k, vocab = prompt_logits.shape
-    device = text_logits.device
-    labels = labels.to(device)
-    if input_type_mask is None:
-        input_type_mask = torch.full((batch, length), 4, device=device)
-    prefix_labels = torch.tensor(config.cpt_token_ids, device=device).long()[None].expand(batch, k)
-    prefix_types = torch.tensor(config.cpt_tokens_type_mask, device=device).long()[None].expand(batch, k)
-    input_types = input_type_mask.to(device).long()
-    input_types = torch.where(input_types > 0, input_types + prefix_types.max(), input_types)
-    types = torch.cat([prefix_types, input_types], dim=1)
-    all_labels = torch.cat([prefix_labels, labels], dim=1).masked_fill(~((types > 0) & (types % 4 == 0)), -100)
-    next_labels, next_types = all_labels[:, 1:], types[:, 1:]  # [B, k + n - 1]
-    ce = functools.partial(F.cross_entropy, ignore_index=-100, reduction="none")
-    prompt_part = ce(prompt_logits[:-1].float(), next_labels[0, :k - 1])[None].expand(batch, k - 1)
-    first = ce(prompt_logits[-1:].float().expand(batch, vocab), next_labels[:, k - 1])[:, None]
-    text = ce(text_logits[:, :-1].float().reshape(-1, vocab), next_labels[:, k:].reshape(-1)).view(batch, length - 1)
-    losses = torch.cat([prompt_part, first, text], dim=1)
-    valid = next_labels != -100
-    weights = valid.float()
-    if config.opt_weighted_loss_type == "decay":
-        for row in range(batch):
-            groups = next_types[row][(next_types[row] > 0) & (next_types[row] % 4 == 0)].unique()
-            decay, value = torch.ones_like(weights[row]), 1.0
-            for group in torch.flip(groups, [0]):
-                decay[next_types[row] == group] = value
-                value *= config.opt_loss_decay_factor
-            weights[row] = weights[row] * decay
-    return (losses[valid] * weights[valid]).mean()
-
-
-def _prompt_labels(labels, has_prompt):
-    """(labels with the first token unpredicted in rows without a prompt, those first labels [B])."""
-    first_labels = labels[:, 0] if has_prompt is None else torch.where(has_prompt, labels[:, 0], -100)
-    if has_prompt is not None:
-        labels = torch.cat([first_labels[:, None], labels[:, 1:]], dim=1)
-    return labels, first_labels
-
-
-def _lm_loss(first_logits, text_logits, labels, num_items_in_batch, has_prompt, prompt_ids, num_adapters):
-    """The batch's loss and each adapter's own loss ``[num_adapters]`` (its rows' token losses over its
-    rows' token count): what training several adapters in one batch needs, each on its own objective.
-
-    ``first_logits`` None: the model's loss (position t predicts t + 1: prefix tuning); else the prompt
-    methods' (the last prompt position predicts labels[:, 0], as in ``_prompt_lm_loss``).
-    """
-    vocab = text_logits.shape[-1]
-    labels = labels.to(text_logits.device)
-    next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    token_losses = F.cross_entropy(text_logits.float().reshape(-1, vocab), next_labels.reshape(-1),
-                                   ignore_index=-100, reduction="none").view(labels.shape)
-    row_losses, row_counts = token_losses.sum(1), (next_labels != -100).sum(1)
-    if first_logits is not None:
-        labels, first_labels = _prompt_labels(labels, has_prompt)
-        first = F.cross_entropy(first_logits.float().expand(labels.shape[0], vocab), first_labels,
-                                ignore_index=-100, reduction="none")
-        row_losses, row_counts = row_losses + first, row_counts + (first_labels != -100)
-    count = num_items_in_batch if num_items_in_batch is not None else row_counts.sum()
-    loss = row_losses.sum() / count
-    rows = prompt_ids >= 0  # rows of the bare model belong to no adapter
-    ids = prompt_ids[rows]
-    sums = row_losses.new_zeros(num_adapters).index_add(0, ids, row_losses[rows])
-    counts = row_counts.new_zeros(num_adapters).index_add(0, ids, row_counts[rows])
-    return loss, sums / counts
-
-
-# --- encoders (bidirectional attention)
-
-
-def _encoder_prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                            output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                            position_ids=None, **kwargs):
-    """P-Tuning v2 on an encoder: every layer's prefix into non-causal prefix_attention."""
-    config = compat.active_config(self)
-    model = self.get_base_model()
-    k = config.num_virtual_tokens
-    batch, length, device = _batch_and_length(input_ids, inputs_embeds)
-    if position_ids is None:
-        position_ids = text_positions(_family(self), k, length, attention_mask=attention_mask, batch=batch, device=device,
-                                      pad_token_id=model.config.pad_token_id)
-    else:
-        position_ids = position_ids + k
-    out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                position_ids=position_ids, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, return_dict=True,
-                softprompt_context=context_for(prefix_tuning_layers(self)), **kwargs)
-    return _as_requested(out, return_dict, model)
-
-
-def _encoder_prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                            output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                            position_ids=None, token_type_ids=None, **kwargs):
-    """Prompt/P-tuning/multitask prompt tuning on an encoder: the prompt inserted into the layer-0 input, as PEFT
-    does; with MULTITASK_PROMPT_TUNING each row gets its task's prompt (``task_ids`` [B]), one per distinct task.
-
-    Token classification returns logits for the text tokens only, so that labels [B, n] line up.
-    """
-    config = compat.active_config(self)
-    model = self.get_base_model()
-    k = config.num_virtual_tokens
-    batch, length, device = _batch_and_length(input_ids, inputs_embeds)
-    if position_ids is not None:
-        warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
-    if compat.peft_type_name(config) == MULTITASK:
-        prompts, row_prompt = task_prompts(self, model, check_task_ids(task_ids, batch, config.num_tasks, device))
-    else:
-        prompts, row_prompt = prompt_embeddings(self, model), None  # [1, k, hidden]: every row's
-    embedding = model.get_input_embeddings()
-    if inputs_embeds is None:
-        # validate=False: no device sync per step; a bad id still fails loudly (cpu: error, cuda: NaN row)
-        inputs = insert_prompts(input_ids, embedding.weight, prompts, row_prompt, validate=False)
-    else:
-        rows = prompts.expand(batch, -1, -1) if row_prompt is None else prompts[row_prompt]
-        inputs = torch.cat([rows.to(inputs_embeds.dtype), inputs_embeds], dim=1)
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
-    if token_type_ids is not None:
-        token_type_ids = torch.cat([token_type_ids.new_zeros(batch, k), token_type_ids], dim=1)
-    per_token = compat.task_type_name(config) == "TOKEN_CLS"
-    out = model(inputs_embeds=inputs, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                labels=None if per_token else labels, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
-    if per_token:
-        out.logits = out.logits[:, k:]
-        if labels is not None:
-            loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
-                                   labels.to(out.logits.device).reshape(-1), ignore_index=-100)
-            out = type(out)(loss=loss, **out)
-    return _as_requested(out, return_dict, model)
-
-
-# --- generation
-
-
-def _generate(self, *gen_args, **gen_kwargs):
-    """The base model's generate(), with the prefix computed once and kept out of the KV cache.
-
-    Positions follow the accelerated forward (text from k), so greedy decoding with a cache gives the
-    tokens of a greedy loop over the forward itself.
-    """
-    config = compat.active_config(self)
-    model = self.get_base_model()
-    if getattr(self, "generation_config", None) is not None:
-        model.generation_config = self.generation_config  # one assigned on the PeftModel rules, as in PEFT
-    if _adapter_disabled(self):  # with model.disable_adapter(): the base model's tokens
-        return model.generate(*gen_args, **gen_kwargs)
-    family = _family(self)
-    k = config.num_virtual_tokens
-    task_ids = gen_kwargs.pop("task_ids", None)
-    with torch.no_grad():
-        if compat.peft_type_name(config) == MULTITASK:
-            ids = gen_kwargs.get("input_ids", gen_args[0] if gen_args else None)
-            ids = ids if ids is not None else gen_kwargs["inputs_embeds"]
-            task_ids = check_task_ids(task_ids, ids.shape[0], config.num_tasks, ids.device)
-            context, _ = multitask_prompts(self, model, task_ids, want_logits=False)
-        elif compat.is_kv_prefix(config):
-            context = context_for(prefix_tuning_layers(self))
-        else:
-            context = context_for(run_prompt_once(model, prompt_embeddings(self, model), want_logits=False).layers)
-
-    def wrap(original):
-        def prepare_inputs(*args, **kwargs):
-            inputs = original(*args, **kwargs)
-            x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-            cache = compat.cache_of(inputs)
-            past = cache.get_seq_length() if cache is not None else 0
-            inputs["position_ids"] = text_positions(family, k, x.shape[1], attention_mask=inputs.get("attention_mask"), past=past,
-                                                    batch=x.shape[0], device=x.device)
-            inputs["softprompt_context"] = context
-            return inputs
-        return prepare_inputs
-
-    with compat.patched_prepare_inputs(model, wrap):
-        return model.generate(*gen_args, **gen_kwargs)
