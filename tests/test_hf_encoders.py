@@ -142,3 +142,13 @@ def test_insert_prompt_gradients():
     expected = torch.cat([prompt.expand(2, -1, -1), weight[ids]], 1)
     torch.testing.assert_close(out, expected)
     torch.autograd.gradcheck(lambda w, p: sk.insert_prompt(ids, w, p), (weight, prompt))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_adapter_names_on_an_encoder_is_an_error_not_ignored(method):
+    """Rows naming adapters is a causal-decoder feature; an encoder used to pass it to the base model, which ignored
+    it (every row then used the active adapter)."""
+    model = sk.accelerate(peft_encoder(ENCODERS[0], method, "SEQ_CLS"))
+    ids, mask, _ = batch("SEQ_CLS", left=False)
+    with pytest.raises(ValueError, match=r"adapter_names \(one adapter per row\) is supported on causal decoders"):
+        model(input_ids=ids, attention_mask=mask, adapter_names=["default"] * ids.shape[0])

@@ -155,7 +155,7 @@ def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup
 
     from ..hf.accelerate import SUPPORTED_METHODS
 
-    if METHODS[case.method] not in SUPPORTED_METHODS:  # ADAPTION_PROMPT until accelerate() takes it
+    if METHODS[case.method] not in SUPPORTED_METHODS:  # a method the case table names before accelerate() takes it
         return CaseSetup(config=case.config(), flops=flops(case), bytes=0.0, providers={},
                          skipped={case.name: f"{METHODS[case.method]} is not accelerated yet; case skipped"})
     wanted = (lambda name: only is None or name in only)

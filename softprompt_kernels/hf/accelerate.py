@@ -72,8 +72,8 @@ def accelerate(peft_model):
 def _checked_family(peft_model, config, method):
     """The base model's family, once the method, its task and the family are known to go together."""
     if config is None or not getattr(config, "is_prompt_learning", False):
-        raise AccelerationError("accelerate() takes a PEFT model whose active adapter is PROMPT_TUNING, P_TUNING or "
-                                f"PREFIX_TUNING; got {type(peft_model).__name__}")
+        raise AccelerationError(f"accelerate() takes a PEFT model whose active adapter is one of {list(METHODS)}; "
+                                f"got {type(peft_model).__name__}")
     if method is None:
         raise AccelerationError(f"peft_type {compat.peft_type_name(config)} is not supported; supported: "
                                 f"{list(SUPPORTED_METHODS)}")

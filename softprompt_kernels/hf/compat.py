@@ -262,10 +262,6 @@ def save_prompt_adapter(peft_model, directory: str, is_main_process: bool) -> No
 # --- PEFT: ADAPTION_PROMPT (LLaMA-Adapter) modules
 
 
-def is_adaption_prompt(peft_config) -> bool:
-    return peft_type_name(peft_config) == "ADAPTION_PROMPT"
-
-
 def adaption_prompt_model_types() -> tuple:
     """The transformers model types PEFT's adaption prompt has a query recomputation for (llama, mistral, gpt2)."""
     from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG

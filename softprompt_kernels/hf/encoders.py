@@ -19,10 +19,12 @@ PER_TOKEN_TASKS = ("TOKEN_CLS",)  # logits per token: the prompt's positions are
 
 def prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                   position_ids=None, **kwargs):
+                   position_ids=None, adapter_names=None, **kwargs):
     """P-Tuning v2 (PREFIX_TUNING, CARTRIDGE) on an encoder: every layer's prefix into non-causal prefix_attention.
 
-    ``position_ids`` given are PEFT's: offset by k, as the prefix's positions come first."""
+    ``position_ids`` given are PEFT's: offset by k, as the prefix's positions come first. ``adapter_names`` (rows
+    naming adapters) is for causal decoders: given here it raises ValueError rather than being ignored."""
+    _refuse_adapter_names(adapter_names)
     model = self.get_base_model()
     batch, length, device = calls.batch_and_length(input_ids, inputs_embeds)
     prompt = method_of(compat.active_config(self)).text_prompt(self, model, task_ids, batch, device, want_logits=False)
@@ -41,12 +43,14 @@ def prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None
 
 def prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                   position_ids=None, token_type_ids=None, **kwargs):
+                   position_ids=None, token_type_ids=None, adapter_names=None, **kwargs):
     """Prompt/P-tuning/multitask prompt tuning on an encoder: the prompt inserted into the layer-0 input, as PEFT
     does; with MULTITASK_PROMPT_TUNING each row gets its task's prompt (``task_ids`` [B]), one per distinct task.
 
-    Token classification returns logits for the text tokens only, so that labels [B, n] line up.
+    Token classification returns logits for the text tokens only, so that labels [B, n] line up. ``adapter_names``
+    raises ValueError (rows naming adapters is for causal decoders).
     """
+    _refuse_adapter_names(adapter_names)
     config = compat.active_config(self)
     model = self.get_base_model()
     k = config.num_virtual_tokens
@@ -68,6 +72,13 @@ def prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None
         if labels is not None:
             out = type(out)(loss=token_classification_loss(out.logits, labels), **out)
     return calls.as_requested(out, return_dict, model)
+
+
+def _refuse_adapter_names(adapter_names) -> None:
+    # it used to reach the base model and be ignored: every row then silently used the active adapter
+    if adapter_names is not None:
+        raise ValueError("adapter_names (one adapter per row) is supported on causal decoders; on encoders every row "
+                         "uses the active adapter: call set_adapter() and run each adapter's rows separately")
 
 
 def _with_prompts(model, input_ids, inputs_embeds, prompts, row_prompt, batch):
