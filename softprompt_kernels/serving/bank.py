@@ -19,6 +19,7 @@ import torch
 from ..hf import compat
 from ..hf.attention import SoftPromptContext, use_softprompt_attention
 from ..hf.families import family_of
+from ..hf.prefix_bank import bank_context
 from ..adapters import (AdapterError, AdapterKV, ModelShape, adapter_kv, hf_prompt_runner,
                        read_peft_directory, source_of_peft_model, source_of_tensor)
 
@@ -94,7 +95,12 @@ class PromptBank:
     # --- what a batch reads
 
     def context_for(self, adapters: Sequence[Optional[str]]) -> Tuple[SoftPromptContext, torch.Tensor]:
-        """(attention context, prompt length per row) for rows naming adapters (None: no prompt)."""
+        """(attention context, prompt length per row) for rows naming adapters (None: no prompt).
+
+        The context puts each row's prefix right after its own left padding (``prefix_after_padding``): serving
+        numbers a row's positions by its real tokens, so with a sliding window a request sees the keys it would
+        see alone, whatever it is batched with.
+        """
         wanted = [name for name in dict.fromkeys(adapters) if name is not None]
         unknown = [name for name in wanted if name not in self._host]
         if unknown:
@@ -107,17 +113,11 @@ class PromptBank:
             else:
                 self._make_resident(name, self._host[name], protected=wanted)
         slots = [self._resident[name] if name is not None else -1 for name in adapters]
-        prompt_ids = torch.tensor(slots, dtype=torch.long, device=self.device)
-        row_lengths = torch.where(prompt_ids >= 0, self._lengths[prompt_ids.clamp(min=0)], 0)
-        if self._keys is None:  # nothing added yet: an empty bank
-            empty = torch.zeros((0, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
-            layers = [(empty, empty)] * self.num_layers
-            lengths = None
-        else:
+        layers = lengths = None  # nothing added yet: an empty bank
+        if self._keys is not None:
             layers = [(self._keys[i], self._values[i]) for i in range(self.num_layers)]
             lengths = self._lengths
-        context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids, prefix_lens=lengths)
-        return context, row_lengths
+        return bank_context(self.model, layers, lengths, slots, self.device, prefix_after_padding=True)
 
     # --- internals
 

@@ -229,7 +229,6 @@ class Engine:
             mask[i, length - len(prompt):] = 1
         ids, mask = ids.to(self.bank.device), mask.to(self.bank.device)
         context, row_lengths = self.bank.context_for([row.request.adapter for row in rows])
-        context.prefix_after_padding = True
         cache = compat.new_dynamic_cache(self.model)
         positions = text_positions(self.bank.family, row_lengths, length, attention_mask=mask, count_real_tokens=True)
         with torch.no_grad():
@@ -267,7 +266,6 @@ class Engine:
         for i, row in enumerate(self._rows):
             cache = compat.cache_select(self._cache, torch.tensor([i], device=self.bank.device))
             context, row_lengths = self.bank.context_for([row.request.adapter])
-            context.prefix_after_padding = True
             try:
                 self._forward_step(tokens[i:i + 1], mask[i:i + 1], cache, context, row_lengths)
                 keep.append(i)
@@ -410,7 +408,6 @@ class Engine:
 
     def _rebuild_context(self) -> None:
         self._context, self._row_lengths = self.bank.context_for([row.request.adapter for row in self._rows])
-        self._context.prefix_after_padding = True
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._context, self._row_lengths = [], None, None, None, None

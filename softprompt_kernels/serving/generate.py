@@ -76,7 +76,6 @@ def generate(bank, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
                   if s is not None else None for row, s in enumerate(seeds)]
 
     context, row_lengths = bank.context_for(adapters)
-    context.prefix_after_padding = True  # a request's tokens do not depend on the padding of its batch
     cache = compat.new_dynamic_cache(model)
     positions = text_positions(bank.family, row_lengths, length, attention_mask=mask, count_real_tokens=True)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
