@@ -1,8 +1,5 @@
 """Serving many soft prompts on one frozen model: the adapter bank, batched generation, an HTTP server."""
 from ..adapters import AdapterError
-from .bank import PromptBank
-from .generate import generate
-
-PromptBank.generate = generate  # bank.generate(input_ids, attention_mask, adapters=[...], ...)
+from .bank import PromptBank, generate
 
 __all__ = ["PromptBank", "AdapterError", "generate"]
