@@ -3,6 +3,7 @@ clients, streaming, the OpenAI fields, overload, disconnects, metrics; and the C
 
 No assertion depends on the machine's speed: timeouts only bound how long a test waits for what it asserts,
 and the continuous-batching test holds the engine at the long request's first token instead of timing it."""
+import asyncio
 import copy
 import json
 import os
@@ -269,6 +270,40 @@ def test_streamed_tokens_equal_the_non_streamed_answer(served):
             assert text == whole["choices"][0]["message"]["content"]
             assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         assert chunks[-1]["usage"]["completion_tokens"] == len(tokens)
+
+
+@pytest.mark.parametrize("path, payload", [
+    ("/v1/completions", {"model": "a", "prompt": "the cat", "max_tokens": 5, "echo": True}),
+    ("/v1/chat/completions", {"model": "b", "messages": [{"role": "user", "content": "the dog"}], "max_tokens": 5}),
+])
+def test_stream_chunks_follow_their_events_however_late_they_are_read(served, monkeypatch, path, payload):
+    """The HTTP side may read a choice's first event after the engine thread has appended later tokens (a busy
+    machine): each chunk is built from its own event. Forced here by holding the server's event loop from the
+    first event until the request is done."""
+    server, _ = served
+    submit = server.engine.submit
+
+    def submit_read_late(request):  # the server's event loop
+        loop, report = asyncio.get_running_loop(), request.on_event
+
+        def on_event(req, choice, delta):  # the engine thread
+            if len(choice.tokens) == 1:  # queued before the first event, so that the loop blocks before reading it
+                loop.call_soon_threadsafe(req.done.wait, 60)  # 60 s: a guard, the engine sets it
+            report(req, choice, delta)
+        request.on_event = on_event
+        return submit(request)
+
+    monkeypatch.setattr(server.engine, "submit", submit_read_late)
+    status, raw, _ = post(server.address, {**payload, "temperature": 0, "stream": True}, path)
+    assert status == 200
+    chunks = events(raw)
+    assert [len(c["choices"][0]["tokens"]) for c in chunks] == [1] * 5
+    first = chunks[0]["choices"][0]
+    if path == "/v1/completions":
+        assert first["text"].startswith("the cat") and not any(
+            c["choices"][0]["text"].startswith("the cat") for c in chunks[1:])
+    else:
+        assert first["delta"]["role"] == "assistant" and all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
 
 
 def test_stop_n_logprobs_echo_seed(served):

@@ -200,10 +200,12 @@ class Handler:
                     yield _sse({"error": {"message": f"generation failed: {error}", "type": "server_error"}})
                     break
                 choice = request.choices[index]
+                # up to the event's count: the engine thread may have appended the next tokens already
                 new_tokens = choice.tokens[sent[index]:count]
                 new_logprobs = choice.logprobs[sent[index]:count]
+                first = sent[index] == 0 and count > 0
                 sent[index] = count
-                yield _sse(render.chunk(request, index, delta, new_tokens, new_logprobs, finish))
+                yield _sse(render.chunk(index, delta, new_tokens, new_logprobs, finish, first))
                 if finish is not None:
                     remaining -= 1
             else:
@@ -271,9 +273,9 @@ class _Render:
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self._usage(request)}
 
-    def chunk(self, request: Request, index: int, delta: str, tokens: List[int], logprobs: List[dict],
-              finish: Optional[str]) -> dict:
-        first = bool(tokens) and len(request.choices[index].tokens) == len(tokens)
+    def chunk(self, index: int, delta: str, tokens: List[int], logprobs: List[dict], finish: Optional[str],
+              first: bool) -> dict:
+        """One event of a choice; ``first``: it carries the choice's first token (the role, the echo)."""
         if self.chat:
             message = ({"role": "assistant"} if first else {}) | ({"content": delta} if delta or first else {})
             choice = {"index": index, "delta": message,
