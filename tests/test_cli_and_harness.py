@@ -1,5 +1,6 @@
 """The `softprompt-kernels bench` command and the benchmark harness (fast: a few seconds)."""
 import json
+import sys
 from dataclasses import fields
 
 import pytest
@@ -160,6 +161,14 @@ def test_plot_footnote_fits_in_the_figure(tmp_path, monkeypatch):
 def test_no_subcommand_prints_help(capsys):
     assert main([]) == 2
     assert "bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["fastapi", "transformers"])
+def test_serve_without_the_serve_extra_names_the_extra(module, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # what an import sees when the package is not installed
+    assert main(["serve", "--model", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert f"needs {module}" in err and "pip install 'softprompt-kernels[serve]'" in err
 
 
 def test_insertion_bench_cases_build_and_run_on_cpu():

@@ -1,7 +1,12 @@
 """The continuous-batching engine: rows join and leave a running batch and every request still gets the
 tokens of a greedy loop over PEFT's forward for its adapter alone; per-row sampling, n, cancellation, the
-static policy, and sliding-window families."""
+static policy, and sliding-window families.
+
+Nothing here depends on the machine's speed: where a test needs a request to be running when something
+happens, the engine thread is held at that request's first token (``EngineEvents``) until it has happened,
+and assertions are on the order of engine events and on token counts, never on time."""
 import copy
+import threading
 import time
 
 import pytest
@@ -30,6 +35,37 @@ def expected_tokens(base, models, adapter, prompt, steps):
                        steps)[0].tolist()
 
 
+class EngineEvents:
+    """Records engine events (request name, its tokens so far) in the order the engine thread reports them;
+    ``report(name, hold=True)`` holds the engine thread at that request's first token until ``release()``."""
+
+    def __init__(self):
+        self.events = []
+        self.held = threading.Event()
+        self._released = threading.Event()
+
+    def report(self, name, hold=False):
+        def on_event(request, choice, delta):
+            self.events.append((name, len(choice.tokens)))
+            if hold and len(choice.tokens) == 1:
+                self.held.set()
+                self._released.wait(60)  # a guard: the test releases it as soon as it has acted
+        return on_event
+
+    def release(self):
+        self._released.set()
+
+    def names(self):
+        return [name for name, _ in self.events]
+
+
+def wait_until(condition, guard_s=30.0):
+    """Polls ``condition`` (the engine updates its state right after the events a test waits for)."""
+    deadline = time.monotonic() + guard_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 SPECS = [("x6", [5, 6, 7, 8], 7), ("p3", [9, 10], 5), (None, [11, 12, 13, 14, 15, 16], 9), ("x4", [17], 3),
          ("p5", [18, 19, 20], 12), ("p3", [21, 22, 23, 24, 25], 4), ("x6", [26, 27], 6), (None, [28], 8)]
 
@@ -54,19 +90,31 @@ def test_rows_joining_and_leaving_get_each_requests_own_tokens(model_type):
         assert request.choices[0].finish_reason == "length"
 
 
-def test_static_policy_gives_the_same_tokens_and_admits_only_between_batches():
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_late_request_joins_the_running_batch_only_when_continuous(batching):
+    """A request submitted while another runs (the engine is held at the first one's first token): continuous
+    batching prefills it at the next step and decodes both together; static batching starts it only when the
+    running batch has ended. Both give each request its own tokens."""
     base = tiny_model("llama", dtype=torch.float64)
     bank, models = bank_and_models(base)
-    engine = Engine(bank, max_batch=8, batching="static").start()
+    log = EngineEvents()
+    engine = Engine(bank, max_batch=8, batching=batching).start()
     try:
-        first = engine.submit(Request("x6", [5, 6, 7], SamplingParams(max_tokens=30, temperature=0)))
-        time.sleep(0.05)
-        late = engine.submit(Request("p3", [9], SamplingParams(max_tokens=2, temperature=0)))
+        first = engine.submit(Request("x6", [5, 6, 7], SamplingParams(max_tokens=30, temperature=0),
+                                      on_event=log.report("first", hold=True)))
+        assert log.held.wait(60)
+        late = engine.submit(Request("p3", [9], SamplingParams(max_tokens=2, temperature=0),
+                                     on_event=log.report("late")))
+        log.release()
         assert late.done.wait(60) and first.done.wait(60)
     finally:
         engine.stop()
-    assert late.first_token_at > first.finished_at - 1e-3  # it waited for the running batch to end
+    if batching == "continuous":  # late prefilled at the next iteration, then one step of both ends it
+        assert log.names() == ["first", "first", "late", "first", "late"] + ["first"] * 27
+    else:  # late waited for the running batch to end
+        assert log.names() == ["first"] * 30 + ["late"] * 2
     assert late.choices[0].tokens == expected_tokens(base, models, "p3", [9], 2)
+    assert first.choices[0].tokens == expected_tokens(base, models, "x6", [5, 6, 7], 30)
 
 
 def test_sampling_is_per_row_and_reproducible_and_n_gives_independent_choices():
@@ -90,18 +138,18 @@ def test_sampling_is_per_row_and_reproducible_and_n_gives_independent_choices():
 def test_a_cancelled_request_stops_and_leaves_the_batch():
     base = tiny_model("llama")
     bank, _ = bank_and_models(base)
+    log = EngineEvents()
     engine = Engine(bank, max_batch=8).start()
     try:
-        long = engine.submit(Request("x4", [5], SamplingParams(max_tokens=240, temperature=0)))
+        long = engine.submit(Request("x4", [5], SamplingParams(max_tokens=240, temperature=0),
+                                     on_event=log.report("long", hold=True)))
         other = engine.submit(Request("p3", [6], SamplingParams(max_tokens=20, temperature=0)))
-        while not long.choices[0].tokens:
-            time.sleep(0.01)
+        assert log.held.wait(60)  # long has its first token and the engine waits
         long.cancel()
-        assert long.done.wait(30) and other.done.wait(30)
-        deadline = time.monotonic() + 10
-        while engine.running_rows and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(long.choices[0].tokens) < 240 and engine.running_rows == 0
+        log.release()
+        assert long.done.wait(60) and other.done.wait(60)
+        wait_until(lambda: engine.running_rows == 0)
+        assert log.names() == ["long"] and engine.running_rows == 0  # it left at the next step
         assert other.choices[0].tokens == bank.generate(torch.tensor([[6]]), adapters=["p3"], max_new_tokens=20)[0]
     finally:
         engine.stop()

@@ -7,7 +7,7 @@ that the batching policy is what is measured) with requests naming 8 adapters at
 - ``continuous``: the engine (serving/engine.py): requests join the running batch at the next step;
 - ``static``: the same engine admitting a new batch only when the running one has finished;
 - ``today``: the previous server's loop, verbatim in policy: take up to ``max_batch`` waiting requests,
-  run ``serving.generate.generate`` on them to the end, repeat.
+  run ``PromptBank.generate`` on them to the end, repeat.
 
 Two cases: **poisson**, an open-loop Poisson arrival process at ``load`` x the rate ``today`` sustains
 at saturation (measured first, on this machine): time to first token and time per output token,
@@ -128,7 +128,7 @@ def _run_engine(bank, specs, arrivals, batching: str, max_batch: int) -> List[_T
 
 def _run_today(bank, specs, arrivals, max_batch: int) -> List[_Timing]:
     """The previous server's worker: everything waiting (up to max_batch) as one generate() call."""
-    from ..serving.generate import generate
+    from ..serving.step import left_pad
 
     waiting: "queue.Queue[int]" = queue.Queue()
     timings = [_Timing(0.0) for _ in specs]
@@ -143,12 +143,7 @@ def _run_today(bank, specs, arrivals, max_batch: int) -> List[_Timing]:
                     batch.append(waiting.get_nowait())
                 except queue.Empty:
                     break
-            length = max(len(specs[i].prompt) for i in batch)
-            ids = torch.zeros((len(batch), length), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(batch):
-                ids[row, length - len(specs[i].prompt):] = torch.tensor(specs[i].prompt)
-                mask[row, length - len(specs[i].prompt):] = 1
+            ids, mask = left_pad([specs[i].prompt for i in batch], 0, bank.device)
             step = [0]
 
             def on_token(tokens, active, batch=batch, step=step):
@@ -161,8 +156,8 @@ def _run_today(bank, specs, arrivals, max_batch: int) -> List[_Timing]:
                         timing.done = now
                 step[0] += 1
 
-            generate(bank, ids.to(bank.device), mask.to(bank.device), adapters=[specs[i].adapter for i in batch],
-                     max_new_tokens=[specs[i].max_tokens for i in batch], on_token=on_token)
+            bank.generate(ids, mask, adapters=[specs[i].adapter for i in batch],
+                          max_new_tokens=[specs[i].max_tokens for i in batch], on_token=on_token)
             served += len(batch)
         finished.set()
 

@@ -4,8 +4,8 @@
 several prompt-learning adapters of one kind: each distinct adapter's per-layer prefix is computed once
 (prefix tuning: its encoder; prompt/P-tuning: the prompts of all of them in one batch-P pass), the prefixes
 are padded to the longest and stacked into a bank ``[P, Hkv, K, D]`` per layer, and every row attends to its own
-through ``prompt_ids`` and ``prefix_lens`` (``None``: the bare model for that row). Text positions of a
-row start at its adapter's length. Multi-task prompt training and prompt ensembling (one example
+through ``prompt_ids`` and ``prefix_lens`` (``None``: the bare model for that row; the context is made by
+hf/prefix_bank.py, as serving's is). Text positions of a row start at its adapter's length. Multi-task prompt training and prompt ensembling (one example
 repeated with N adapters) are this call.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import compat
 from .attention import SoftPromptContext
+from .prefix_bank import bank_context
 from .prompts import prefix_tuning_layers, prompt_embeddings, run_prompts_together
 
 
@@ -49,39 +50,27 @@ def build_bank(peft_model, model, adapter_names: Sequence[Optional[str]], batch:
                want_logits: bool) -> BatchPrefixes:
     distinct = check_adapter_names(peft_model, adapter_names, batch)
     index = {name: i for i, name in enumerate(distinct)}
-    prompt_ids = torch.tensor([index[name] if name is not None else -1 for name in adapter_names], device=device)
-    lengths = torch.tensor([compat.adapter_config(peft_model, name).num_virtual_tokens for name in distinct],
-                           device=device)
-    prefix_method = bool(distinct) and compat.is_kv_prefix(compat.adapter_config(peft_model, distinct[0]))
+    slots = [index[name] if name is not None else -1 for name in adapter_names]
+    layers = lengths = prompt_pass = None
+    if distinct:
+        lengths = torch.tensor([compat.adapter_config(peft_model, name).num_virtual_tokens for name in distinct],
+                               device=device)
+        if compat.is_kv_prefix(compat.adapter_config(peft_model, distinct[0])):
+            width = int(lengths.max())
+            per_adapter = [prefix_tuning_layers(peft_model, name) for name in distinct]
+            layers = [(_stack([a[i][0] for a in per_adapter], width), _stack([a[i][1] for a in per_adapter], width))
+                      for i in range(compat.text_config(model).num_hidden_layers)]
+        else:
+            prompts = [prompt_embeddings(peft_model, model, name)[0] for name in distinct]
+            prompt_pass = run_prompts_together(model, prompts, want_logits)
+            layers = prompt_pass.layers  # already [P, Hkv, width, D]
+    context, row_lengths = bank_context(model, layers, lengths, slots, device)
     first = None
-    num_layers = compat.text_config(model).num_hidden_layers
-    width = int(lengths.max()) if distinct else 0
-    if not distinct:
-        layers = [_empty_prefix(model, device)] * num_layers
-    elif prefix_method:
-        per_adapter = [prefix_tuning_layers(peft_model, name) for name in distinct]
-        layers = [(_stack([a[i][0] for a in per_adapter], width), _stack([a[i][1] for a in per_adapter], width))
-                  for i in range(num_layers)]
-    else:
-        prompts = [prompt_embeddings(peft_model, model, name)[0] for name in distinct]
-        prompt_pass = run_prompts_together(model, prompts, want_logits)
-        layers = prompt_pass.layers  # already [P, Hkv, width, D]
-        if want_logits:
-            first = prompt_pass.last_logits[prompt_ids.clamp(min=0)]
-    row_lengths = torch.where(prompt_ids >= 0, lengths[prompt_ids.clamp(min=0)] if distinct else 0, 0)
-    context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids,
-                                prefix_lens=lengths if distinct else None)
+    if prompt_pass is not None and want_logits:
+        first = prompt_pass.last_logits[context.prompt_ids.clamp(min=0)]
     return BatchPrefixes(context, row_lengths, first)
 
 
 def _stack(prefixes, width: int) -> torch.Tensor:
     """[1, Hkv, k_a, D] each -> [P, Hkv, width, D] (zeros past each adapter's length; never read)."""
     return torch.cat([F.pad(p, (0, 0, 0, width - p.shape[2])) for p in prefixes])
-
-
-def _empty_prefix(model, device):
-    config = compat.text_config(model)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    empty = torch.zeros((0, heads, 0, head_dim), device=device, dtype=model.dtype)
-    return empty, empty

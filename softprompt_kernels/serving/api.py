@@ -48,32 +48,50 @@ class Limits:
     max_body_bytes: int = 1 << 20
     body_timeout_s: float = 10.0
     retry_after_s: int = 1
+    # A body over the limit is read and dropped up to this many bytes (within body_timeout_s) before the 413:
+    # a server that closes while its client still sends makes the client's system reset the connection, and the
+    # client then never reads the answer. Past it the 413 goes out at once and the connection is closed.
+    max_drain_bytes: int = 8 << 20
 
 
 async def read_json(request: HTTPRequest, limits: Limits):
     """The body as JSON, within the size limit and the time limit; APIError otherwise."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise APIError(413, f"request body of {declared} bytes is over the limit of {limits.max_body_bytes}")
+    declared = int(declared) if declared is not None and declared.isdigit() else 0
+    if declared > limits.max_drain_bytes:  # not worth reading: answered at once
+        raise _too_large(declared, limits, drained=False)
+    body, received = bytearray(), 0
 
-    async def read() -> bytes:
-        body = bytearray()
+    async def read() -> None:
+        nonlocal received
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise APIError(413, f"request body is over the limit of {limits.max_body_bytes} bytes")
-        return bytes(body)
+            received += len(chunk)
+            if received <= limits.max_body_bytes:
+                body.extend(chunk)
+            elif received > limits.max_drain_bytes:
+                return
 
     try:
-        body = await asyncio.wait_for(read(), limits.body_timeout_s)
+        await asyncio.wait_for(read(), limits.body_timeout_s)
+        drained = received <= limits.max_drain_bytes
     except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                       headers={"Connection": "close"}) from None
+        if max(declared, received) <= limits.max_body_bytes:
+            raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                           headers={"Connection": "close"}) from None
+        drained = False
+    if max(declared, received) > limits.max_body_bytes:
+        raise _too_large(declared, limits, drained)
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSON errors, 5000-digit integers, deep nesting
         message = str(exc).splitlines()[0][:200] if not isinstance(exc, RecursionError) else "nested too deeply"
         raise APIError(400, f"the body is not valid JSON: {message}") from None
+
+
+def _too_large(declared: int, limits: Limits, drained: bool) -> APIError:
+    size = f" of {declared} bytes" if declared else ""
+    return APIError(413, f"request body{size} is over the limit of {limits.max_body_bytes} bytes",
+                    headers=None if drained else {"Connection": "close"})
 
 
 class Handler:
@@ -182,10 +200,12 @@ class Handler:
                     yield _sse({"error": {"message": f"generation failed: {error}", "type": "server_error"}})
                     break
                 choice = request.choices[index]
+                # up to the event's count: the engine thread may have appended the next tokens already
                 new_tokens = choice.tokens[sent[index]:count]
                 new_logprobs = choice.logprobs[sent[index]:count]
+                first = sent[index] == 0 and count > 0
                 sent[index] = count
-                yield _sse(render.chunk(request, index, delta, new_tokens, new_logprobs, finish))
+                yield _sse(render.chunk(index, delta, new_tokens, new_logprobs, finish, first))
                 if finish is not None:
                     remaining -= 1
             else:
@@ -253,9 +273,9 @@ class _Render:
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self._usage(request)}
 
-    def chunk(self, request: Request, index: int, delta: str, tokens: List[int], logprobs: List[dict],
-              finish: Optional[str]) -> dict:
-        first = bool(tokens) and len(request.choices[index].tokens) == len(tokens)
+    def chunk(self, index: int, delta: str, tokens: List[int], logprobs: List[dict], finish: Optional[str],
+              first: bool) -> dict:
+        """One event of a choice; ``first``: it carries the choice's first token (the role, the echo)."""
         if self.chat:
             message = ({"role": "assistant"} if first else {}) | ({"content": delta} if delta or first else {})
             choice = {"index": index, "delta": message,

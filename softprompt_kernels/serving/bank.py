@@ -6,21 +6,24 @@ the registration code the vLLM plugin shares): prompt tuning and P-tuning adapte
 adapter is served as ``name:task``, one prompt per task. All resident adapters live in one tensor per layer,
 ``[capacity, Hkv, K, D]``, indexed by slot; a batch names each row's adapter and the attention reads its slot through
 ``prompt_ids`` (``prefix_lens`` per slot, so adapters of different lengths coexist). When more adapters
-are added than fit, the least recently used go to host memory and come back on demand.
+are added than fit, the least recently used go to host memory and come back on demand. ``generate`` runs a
+batch to its end with the model steps of step.py (those the engine runs).
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..hf import compat
 from ..hf.attention import SoftPromptContext, use_softprompt_attention
 from ..hf.families import family_of
+from ..hf.prefix_bank import bank_context
 from ..adapters import (AdapterError, AdapterKV, ModelShape, adapter_kv, hf_prompt_runner,
                        read_peft_directory, source_of_peft_model, source_of_tensor)
+from .step import decode, extend_mask, prefill, sample
 
 
 class PromptBank:
@@ -94,7 +97,12 @@ class PromptBank:
     # --- what a batch reads
 
     def context_for(self, adapters: Sequence[Optional[str]]) -> Tuple[SoftPromptContext, torch.Tensor]:
-        """(attention context, prompt length per row) for rows naming adapters (None: no prompt)."""
+        """(attention context, prompt length per row) for rows naming adapters (None: no prompt).
+
+        The context puts each row's prefix right after its own left padding (``prefix_after_padding``): serving
+        numbers a row's positions by its real tokens, so with a sliding window a request sees the keys it would
+        see alone, whatever it is batched with.
+        """
         wanted = [name for name in dict.fromkeys(adapters) if name is not None]
         unknown = [name for name in wanted if name not in self._host]
         if unknown:
@@ -107,17 +115,65 @@ class PromptBank:
             else:
                 self._make_resident(name, self._host[name], protected=wanted)
         slots = [self._resident[name] if name is not None else -1 for name in adapters]
-        prompt_ids = torch.tensor(slots, dtype=torch.long, device=self.device)
-        row_lengths = torch.where(prompt_ids >= 0, self._lengths[prompt_ids.clamp(min=0)], 0)
-        if self._keys is None:  # nothing added yet: an empty bank
-            empty = torch.zeros((0, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
-            layers = [(empty, empty)] * self.num_layers
-            lengths = None
-        else:
+        layers = lengths = None  # nothing added yet: an empty bank
+        if self._keys is not None:
             layers = [(self._keys[i], self._values[i]) for i in range(self.num_layers)]
             lengths = self._lengths
-        context = SoftPromptContext(layer_prefixes=layers, prompt_ids=prompt_ids, prefix_lens=lengths)
-        return context, row_lengths
+        return bank_context(self.model, layers, lengths, slots, self.device, prefix_after_padding=True)
+
+    # --- generating
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 adapters: Optional[Sequence[Optional[str]]] = None, max_new_tokens: Union[int, Sequence[int]] = 32,
+                 do_sample: bool = False, temperature: Union[float, Sequence[float]] = 1.0,
+                 top_p: Union[float, Sequence[float]] = 1.0, seed: Union[None, int, Sequence[Optional[int]]] = None,
+                 eos_token_id: Optional[int] = None, pad_token_id: int = 0,
+                 on_token: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> List[List[int]]:
+        """New tokens of every row of ``input_ids [B, n]`` (left-padded), each row with its adapter (None: the
+        bare model); a row stops after its EOS or its ``max_new_tokens``.
+
+        ``on_token(tokens [B], active [B] bool)``, if given, is called as each step's tokens are chosen
+        (streaming, per-token latency measurements).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, n], got shape {tuple(input_ids.shape)}")
+        batch = input_ids.shape[0]
+        device = self.device
+        input_ids = input_ids.to(device)
+        adapters = list(adapters) if adapters is not None else [None] * batch
+        if len(adapters) != batch:
+            raise ValueError(f"adapters has {len(adapters)} entries for a batch of {batch} rows")
+        mask = (attention_mask.to(device).long() if attention_mask is not None
+                else torch.ones_like(input_ids))
+        limits = _per_row(max_new_tokens, batch, "max_new_tokens", device).long()
+        temperatures = (_per_row(temperature, batch, "temperature", device) if do_sample
+                        else torch.zeros(batch, device=device))
+        top_ps = _per_row(top_p, batch, "top_p", device)
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed] * batch
+        generators = [torch.Generator().manual_seed(int(s) + (row if not isinstance(seed, (list, tuple)) else 0))
+                      if s is not None else None for row, s in enumerate(seeds)]
+
+        prefilled = prefill(self, input_ids, mask, adapters)
+        logits = prefilled.logits
+        new = [[] for _ in range(batch)]
+        finished = limits <= 0
+        for step in range(int(limits.max()) if batch else 0):
+            token = sample(logits, temperatures, top_ps, generators)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            chosen = token.tolist()  # one transfer per step, not one per row
+            for row in (~finished).nonzero().flatten().tolist():
+                new[row].append(chosen[row])
+            if on_token is not None:
+                on_token(token, ~finished)
+            finished = finished | (limits <= step + 1)
+            if eos_token_id is not None:
+                finished = finished | (token == eos_token_id)
+            if bool(finished.all()):
+                break
+            mask = extend_mask(mask)
+            logits = decode(self, token, mask, prefilled.cache, prefilled.context, prefilled.row_lengths)
+        return new
 
     # --- internals
 
@@ -164,3 +220,13 @@ class PromptBank:
                                f"got {type(source).__name__}")
         return {served: adapter_kv(adapter, self.shape, self._run_prompt, table)
                 for served, table in adapter.served_names(name).items()}
+
+
+generate = PromptBank.generate  # the function form, serving.generate(bank, input_ids, ...)
+
+
+def _per_row(value, batch: int, name: str, device) -> torch.Tensor:
+    values = value if isinstance(value, (list, tuple)) else [value] * batch
+    if len(values) != batch:
+        raise ValueError(f"{name} has {len(values)} entries for a batch of {batch} rows")
+    return torch.tensor([float(v) for v in values], device=device)

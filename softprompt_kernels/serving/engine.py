@@ -5,7 +5,8 @@ One engine thread owns the model. Each iteration it admits waiting requests (the
 together, within a prefill-token budget, then their KV caches merged into the running batch's, left-
 padded), then runs one decode step for every running row (``prefix_attention`` with each row's
 ``prompt_ids``: adapters mix freely), samples each row with its own parameters and generator, and
-drops the rows that finished (EOS, max_tokens, a stop string) or whose client went away. Positions
+drops the rows that finished (EOS, max_tokens, a stop string) or whose client went away. The model
+steps are step.py's, those ``PromptBank.generate`` runs. Positions
 count each row's real tokens after its prompt, so a row's tokens do not depend on its batch: those of
 the same request sent alone.
 
@@ -26,8 +27,7 @@ from typing import Callable, Deque, List, Optional, Sequence
 import torch
 
 from ..hf import compat
-from ..hf.positions import text_positions
-from .generate import _sample
+from .step import decode, extend_mask, left_pad, prefill, sample
 
 log = logging.getLogger("softprompt_kernels.serving")
 
@@ -220,31 +220,17 @@ class Engine:
 
     def _prefill_rows(self, group: List[Request]):
         rows = [_Row(request, choice, -1) for request in group for choice in request.choices]
-        length = max(len(row.request.prompt) for row in rows)
-        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding
-            prompt = row.request.prompt
-            ids[i, length - len(prompt):] = torch.tensor(prompt)
-            mask[i, length - len(prompt):] = 1
-        ids, mask = ids.to(self.bank.device), mask.to(self.bank.device)
-        context, row_lengths = self.bank.context_for([row.request.adapter for row in rows])
-        context.prefix_after_padding = True
-        cache = compat.new_dynamic_cache(self.model)
-        positions = text_positions(self.bank.family, row_lengths, length, attention_mask=mask, count_real_tokens=True)
-        with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, softprompt_context=context,
-                             **{compat.cache_argument(self.model): cache})
-        return rows, cache, mask, out.logits[:, -1]
+        ids, mask = left_pad([row.request.prompt for row in rows], self.pad_token_id, self.bank.device)
+        prefilled = prefill(self.bank, ids, mask, [row.request.adapter for row in rows])
+        return rows, prefilled.cache, mask, prefilled.logits
 
     def _decode(self) -> None:
         rows = self._rows
-        tokens = torch.tensor([row.pending for row in rows], device=self.bank.device)[:, None]
-        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        tokens = torch.tensor([row.pending for row in rows], device=self.bank.device)
+        mask = extend_mask(self._mask)
         snapshot = compat.cache_snapshot(self._cache)
         try:
-            logits = self._forward_step(tokens, mask, self._cache, self._context, self._row_lengths)
+            logits = decode(self.bank, tokens, mask, self._cache, self._context, self._row_lengths)
         except Exception:  # noqa: BLE001 - retried row by row below, from the cache as it was before the step
             compat.cache_restore(snapshot)
             self._decode_row_by_row(tokens, mask)
@@ -253,13 +239,6 @@ class Engine:
         self._advance(rows, logits)
         self._drop_finished()
 
-    def _forward_step(self, tokens, mask, cache, context, row_lengths):
-        positions = text_positions(self.bank.family, row_lengths, 1, attention_mask=mask, count_real_tokens=True)
-        with torch.no_grad():
-            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                             softprompt_context=context, **{compat.cache_argument(self.model): cache})
-        return out.logits[:, -1]
-
     def _decode_row_by_row(self, tokens, mask) -> None:
         """A batched step failed: each row alone (on a copy of its cache) finds the rows that fail alone; they
         fail, and the step runs again, batched, for the others."""
@@ -267,9 +246,8 @@ class Engine:
         for i, row in enumerate(self._rows):
             cache = compat.cache_select(self._cache, torch.tensor([i], device=self.bank.device))
             context, row_lengths = self.bank.context_for([row.request.adapter])
-            context.prefix_after_padding = True
             try:
-                self._forward_step(tokens[i:i + 1], mask[i:i + 1], cache, context, row_lengths)
+                decode(self.bank, tokens[i:i + 1], mask[i:i + 1], cache, context, row_lengths)
                 keep.append(i)
             except Exception as exc:  # noqa: BLE001
                 self._fail(row.request, f"{type(exc).__name__}: {exc}")
@@ -282,7 +260,7 @@ class Engine:
         self._rebuild_context()
         tokens, mask = tokens[index], mask[index]
         try:
-            logits = self._forward_step(tokens, mask, self._cache, self._context, self._row_lengths)
+            logits = decode(self.bank, tokens, mask, self._cache, self._context, self._row_lengths)
         except Exception as exc:  # noqa: BLE001 - fails batched but not alone: fail them, the engine goes on
             for row in rows:
                 self._fail(row.request, f"{type(exc).__name__}: {exc}")
@@ -298,7 +276,7 @@ class Engine:
         """Samples one token per row from ``logits [len(rows), V]`` and reports it."""
         temperatures = torch.tensor([r.request.params.temperature for r in rows], device=logits.device)
         top_ps = torch.tensor([r.request.params.top_p for r in rows], device=logits.device)
-        chosen = _sample(logits, temperatures, top_ps, [r.choice.generator for r in rows]).tolist()
+        chosen = sample(logits, temperatures, top_ps, [r.choice.generator for r in rows]).tolist()
         want_logprobs = [r.request.params.logprobs is not None for r in rows]
         log_probs = torch.log_softmax(logits.float(), dim=-1) if any(want_logprobs) else None
         now = time.perf_counter()
@@ -410,7 +388,6 @@ class Engine:
 
     def _rebuild_context(self) -> None:
         self._context, self._row_lengths = self.bank.context_for([row.request.adapter for row in self._rows])
-        self._context.prefix_after_padding = True
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._context, self._row_lengths = [], None, None, None, None

@@ -4,7 +4,8 @@
 background thread (tests, notebooks), ``serve_forever()`` in the calling thread, where SIGINT and
 SIGTERM shut it down cleanly (uvicorn stops accepting, answers what is in flight, then the engine
 stops). Connections: a listen backlog of 2048, idle keep-alive connections closed after
-``idle_timeout_s``, bodies over ``max_body_bytes`` refused, bodies that do not arrive within
+``idle_timeout_s``, bodies over ``max_body_bytes`` answered 413 (after reading and dropping a bounded amount,
+so that a client still sending reads the answer), bodies that do not arrive within
 ``body_timeout_s`` answered 408 and closed; malformed HTTP is answered 400 by the HTTP parser (h11).
 """
 from __future__ import annotations
