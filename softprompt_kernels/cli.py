@@ -17,7 +17,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+from .cli_format import HelpFormatter
+
+HELP_FORMAT = HelpFormatter  # every option's default once, where it says something
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "softprompt_kernels"
 LAYERS = [
-    {"_version", "_C", "versions", "common", "errors", "profiling"},
+    {"_version", "_C", "versions", "common", "errors", "profiling", "cli_format"},
     {"triton"},
     {"ops", ""},  # "": the package's __init__
     {"hf"},

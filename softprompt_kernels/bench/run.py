@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..cli_format import HelpFormatter
 from . import harness
 
 # Every benchmark module of the package (the protocol is in bench/__init__.py).
@@ -122,7 +123,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m softprompt_kernels.bench", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

@@ -198,7 +198,7 @@ def _is_toy(directory: Path) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train.cli import HelpFormatter
+    from ..cli_format import HelpFormatter
 
     parser.formatter_class = HelpFormatter
     parser.add_argument("out_dir", metavar="OUT_DIR",

@@ -221,7 +221,7 @@ def _render(headers: Sequence[str], rows: List[List[str]], text_last: bool = Fal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import HelpFormatter
+    from ..cli_format import HelpFormatter
 
     parser.formatter_class = HelpFormatter
     parser.add_argument("adapter", help="a PEFT prompt-learning adapter directory (written by save_pretrained)")
