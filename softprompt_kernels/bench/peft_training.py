@@ -85,7 +85,7 @@ def _family_config(case: Case):
     raise ValueError(f"unknown family {case.family!r}")
 
 
-def _model(case: Case, device):
+def case_model(case: Case, device):
     import transformers
 
     config, attention = _family_config(case)
@@ -94,7 +94,7 @@ def _model(case: Case, device):
     return model.to(device=device, dtype=getattr(torch, case.dtype)).train()
 
 
-def _peft_config(case: Case):
+def case_peft_config(case: Case):
     import peft
 
     common = dict(task_type="CAUSAL_LM", num_virtual_tokens=case.k)
@@ -163,7 +163,7 @@ def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, case.vocab, (case.B, case.n), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    base = _model(case, device)
+    base = case_model(case, device)
     for p in base.parameters():
         p.requires_grad_(False)
     providers: Dict[str, Callable[[], Any]] = {}
@@ -177,7 +177,7 @@ def build(case: Case, device, only: Optional[Sequence[str]] = None) -> CaseSetup
         if not wanted(name):
             continue
         torch.manual_seed(2)  # the same adapter weights for both
-        model = get_peft_model(copy.deepcopy(base), _peft_config(case))
+        model = get_peft_model(copy.deepcopy(base), case_peft_config(case))
         if name == "accelerated":
             sk.accelerate(model)
         params = [p for p in model.parameters() if p.requires_grad]

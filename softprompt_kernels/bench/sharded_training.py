@@ -32,7 +32,7 @@ import torch
 
 from .harness import Record, Suite, Timing, device_name, free_port, git_commit, kill_process_tree
 from .peft_training import Case as ModelCase
-from .peft_training import _model, _peft_config
+from .peft_training import case_model, case_peft_config
 
 BENCH = "sharded_training_step"
 CASE_KEY = ("model (h = hidden, L = layers), method, B = rows per rank, n = text tokens, k = virtual tokens, "
@@ -141,12 +141,12 @@ def _worker(spec: Dict[str, Any], result_file: str) -> None:
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own rows
     ids = torch.randint(1, case.vocab, (case.B, case.n), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    base = _model(case, device)  # the same weights on every rank (seeded)
+    base = case_model(case, device)  # the same weights on every rank (seeded)
     for p in base.parameters():
         p.requires_grad_(False)
     steps = {}
     for provider in spec["providers"]:
-        model = get_peft_model(copy.deepcopy(base), _peft_config(case))
+        model = get_peft_model(copy.deepcopy(base), case_peft_config(case))
         if provider.startswith("accelerated"):
             sk.accelerate(model)
         for layer in model.get_base_model().model.layers:
