@@ -113,11 +113,17 @@ class OpContract:
             raise TypeError(f"{self.name}() got unexpected arguments {unknown}; its arguments are {list(self.by_name)}")
         return {a.name: _value(arguments, a) for a in self.args}
 
-    def inputs_class(self, name: str, base: type) -> type:
-        """A frozen dataclass with one field per argument (the validated call every backend receives)."""
+    def inputs_class(self, name: str, base: type = object) -> type:
+        """A frozen dataclass with one field per argument (the validated call every backend receives), whose
+        ``kernel_arguments()`` are the compiled ops' positional arguments."""
         fields = [(a.name, ANNOTATIONS[a.type], dataclasses.field(default=None if a.required else a.default))
                   for a in self.args]
-        return dataclasses.make_dataclass(name, fields, bases=(base,), frozen=True)
+
+        def kernel_arguments(inputs) -> tuple:
+            return self.positional(vars(inputs))
+
+        return dataclasses.make_dataclass(name, fields, bases=(base,), frozen=True,
+                                          namespace={"kernel_arguments": kernel_arguments})
 
     def public_function(self, implementation: Callable[..., Any], options: Sequence[Arg], doc: str,
                         module: str) -> Callable[..., Any]:
@@ -138,6 +144,11 @@ class OpContract:
         function.__doc__ = doc + "\n\n    Args:\n" + "\n".join(_describe(a) for a in everything)
         function.__annotations__ = {a.name: ANNOTATIONS[a.public_type or a.type] for a in everything}
         return function
+
+
+def size_of(tensor: str, dim: int, doc: str) -> property:
+    """A property of a validated record: the size of one dimension of one of its tensors."""
+    return property(lambda inputs: getattr(inputs, tensor).shape[dim], doc=doc)
 
 
 def _value(values: Mapping[str, Any], arg: Arg):

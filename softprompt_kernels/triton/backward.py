@@ -187,6 +187,25 @@ def _kv_grads_over_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 
     return dk, dv
 
 
+@triton.jit
+def _kv_grads_over_group(dk, dv, k, v, q_row, do_row, lse_row, delta_row, stride_qh, stride_doh, stride_qm,
+                         stride_dom, first_head, group, q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
+                         cap_scale, cap_log2, key_index, window,
+                         CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dk, dv of one key block over queries [q_lo, q_hi) of every q head of its kv head's group (GQA without
+    copies): the kv and prefix kernels. q_row, do_row: the row's q and grad_out; lse_row, delta_row: its [Hq, Lq]."""
+    for g in range(0, group):
+        h = first_head + g
+        dk, dv = _kv_grads_over_queries(
+            dk, dv, k, v, q_row + h * stride_qh, do_row + h * stride_doh, lse_row + h * Lq, delta_row + h * Lq,
+            stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2, cap_scale,
+            cap_log2, key_index, window, CAUSAL=CAUSAL, HAS_KEY_MASK=HAS_KEY_MASK, HAS_WINDOW=HAS_WINDOW,
+            HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+    return dk, dv
+
+
 @triton.autotune(configs=autotune_configs(BWD_SPACE), key=[k for k in TUNING_KEY if k not in ("HAS_IDS", "HAS_LENS")],
                  prune_configs_by={"early_config_prune": prune_by_head_block(BWD_SPACE)})
 @triton.jit
@@ -228,14 +247,11 @@ def prefix_attention_bwd_kv_kernel(
                                      HAS_WINDOW=HAS_WINDOW, BLOCK_M=BLOCK_M)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, group):
-        h = kvh * group + g
-        row = (b * Hq + h) * Lq
-        dk, dv = _kv_grads_over_queries(
-            dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, LSE + row,
-            DELTA + row, stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D, scale_log2,
-            cap_scale, cap_log2, offs_n, window, CAUSAL=CAUSAL, HAS_KEY_MASK=HAS_PADDING, HAS_WINDOW=HAS_WINDOW,
-            HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+    dk, dv = _kv_grads_over_group(
+        dk, dv, k, v, Q + b * stride_qb, DO + b * stride_dob, LSE + b * Hq * Lq, DELTA + b * Hq * Lq, stride_qh,
+        stride_doh, stride_qm, stride_dom, kvh * group, group, q_lo, q_hi, Lq, offs_n, key_real, causal_shift, D,
+        scale_log2, cap_scale, cap_log2, offs_n, window, CAUSAL=CAUSAL, HAS_KEY_MASK=HAS_PADDING, HAS_WINDOW=HAS_WINDOW,
+        HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
     dk = dk * scale
     dst = b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     seq_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
@@ -289,15 +305,12 @@ def prefix_attention_bwd_prefix_kernel(
                                          window, CAUSAL=False, HAS_WINDOW=HAS_WINDOW, BLOCK_M=BLOCK_M)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for g in range(0, group):
-            h = kvh * group + g
-            row = (b * Hq + h) * Lq
-            dk, dv = _kv_grads_over_queries(
-                dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, LSE + row,
-                DELTA + row, stride_qm, stride_dom, q_lo, q_hi, Lq, offs_n, offs_n, causal_shift, D, scale_log2,
-                cap_scale, cap_log2, offs_n + slot_base, window, CAUSAL=False, HAS_KEY_MASK=False,
-                HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+        dk, dv = _kv_grads_over_group(
+            dk, dv, k, v, Q + b * stride_qb, DO + b * stride_dob, LSE + b * Hq * Lq, DELTA + b * Hq * Lq, stride_qh,
+            stride_doh, stride_qm, stride_dom, kvh * group, group, q_lo, q_hi, Lq, offs_n, offs_n, causal_shift, D,
+            scale_log2, cap_scale, cap_log2, offs_n + slot_base, window, CAUSAL=False, HAS_KEY_MASK=False,
+            HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         dk = dk * scale
         slot_mask = (offs_n < n_slots)[:, None] & (offs_d < D)[None, :]
         if DETERMINISTIC:

@@ -35,12 +35,7 @@ BACKWARD_SCHEMA = "(Tensor grad_out, SymInt k) -> Tensor"
 
 
 class _Placement:
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def kernel_arguments(self) -> tuple:
-        return CONTRACT.positional(vars(self))
+    device = property(lambda inputs: inputs.weight.device)
 
 
 InsertPromptInputs = CONTRACT.inputs_class("InsertPromptInputs", _Placement)

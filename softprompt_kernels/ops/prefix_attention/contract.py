@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...common import accumulation_dtype
-from ..contract import Arg, OpContract
+from ..contract import Arg, OpContract, size_of
 
 ARGS = (
     Arg("q", "Tensor", "[B, Hq, Lq, D] queries; any strides with a contiguous last dim (Hugging Face's transposed "
@@ -72,49 +72,16 @@ BACKWARD_SCHEMA = CONTRACT.schema(BACKWARD_LEADING, BACKWARD_TRAILING, returns=B
 class _Sizes:
     """The sizes of a validated call, read off its tensors."""
 
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads_q(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def heads_kv(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def len_q(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def len_k(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def num_prompts(self) -> int:
-        return self.prefix_k.shape[0]
-
-    @property
-    def prefix_slots(self) -> int:
-        return self.prefix_k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    def kernel_arguments(self) -> tuple:
-        """The compiled forward op's arguments, in its order."""
-        return CONTRACT.positional(vars(self))
+    batch = size_of("q", 0, "B")
+    heads_q = size_of("q", 1, "Hq")
+    heads_kv = size_of("k", 1, "Hkv")
+    len_q = size_of("q", 2, "Lq")
+    len_k = size_of("k", 2, "Lk")
+    num_prompts = size_of("prefix_k", 0, "P")
+    prefix_slots = size_of("prefix_k", 2, "K")
+    head_dim = size_of("q", 3, "D")
+    device = property(lambda inputs: inputs.q.device)
+    dtype = property(lambda inputs: inputs.q.dtype)
 
 
 PrefixAttentionInputs = CONTRACT.inputs_class("PrefixAttentionInputs", _Sizes)
