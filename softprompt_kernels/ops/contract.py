@@ -16,8 +16,8 @@ The C++ kernels read their arguments by name from the schema (csrc/op_args.h), s
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import textwrap
-import typing
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -79,12 +79,12 @@ class OpContract:
         names = self.outputs if returns is None else tuple(returns)
         return f"({', '.join(entries)}) -> ({', '.join(f'Tensor {n}' for n in names)})"
 
-    def signature(self, leading: Sequence[Arg] = (), trailing: Sequence[Arg] = (), returns=None) -> typing.Any:
+    def signature(self, leading: Sequence[Arg] = (), trailing: Sequence[Arg] = (),
+                  returns=None) -> inspect.Signature:
         """The Python signature of a compiled op's implementation (custom_op / triton_op infer schemas from it;
         without defaults: the package passes every argument, ``positional``)."""
-        import inspect
-
-        parameters = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ANNOTATIONS[a.type])
+        parameters = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        annotation=ANNOTATIONS[a.type])
                       for a in (*leading, *self.kernel_args, *trailing)]
         return inspect.Signature(parameters, return_annotation=returns)
 
