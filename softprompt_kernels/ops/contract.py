@@ -119,8 +119,10 @@ class OpContract:
         fields = [(a.name, ANNOTATIONS[a.type], dataclasses.field(default=None if a.required else a.default))
                   for a in self.args]
 
+        names = tuple(a.name for a in self.kernel_args)  # plain strings: torch.compile traces through this
+
         def kernel_arguments(inputs) -> tuple:
-            return self.positional(vars(inputs))
+            return tuple(getattr(inputs, name) for name in names)
 
         return dataclasses.make_dataclass(name, fields, bases=(base,), frozen=True,
                                           namespace={"kernel_arguments": kernel_arguments})
