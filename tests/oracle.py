@@ -33,8 +33,25 @@ def visible_prefix_slots(i, len_q, len_k, n_slots, window=None, offset=0):
 
 def oracle_prefix_attention(q, k, v, prefix_k, prefix_v, prompt_ids=None, prefix_lens=None, causal=True,
                             key_padding_mask=None, scale=None, window=None, softcap=None, sinks=None,
-                            prefix_offsets=None, return_lse=True):
-    """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq]) in float64."""
+                            prefix_offsets=None, return_lse=True, cu_seqlens=None):
+    """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq]) in float64.
+
+    With ``cu_seqlens`` [S + 1] (B = 1, Lq = Lk = total): each sequence is the row it would be alone, its own
+    prompt (``prompt_ids`` [S]) and prefix offset (``prefix_offsets`` [S]), its queries and keys numbered from 0.
+    """
+    if cu_seqlens is not None:
+        bounds = [int(x) for x in cu_seqlens]
+        outs, lses = [], []
+        for s in range(len(bounds) - 1):
+            lo, hi = bounds[s], bounds[s + 1]
+            out, lse = oracle_prefix_attention(
+                q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], prefix_k, prefix_v,
+                prompt_ids=None if prompt_ids is None else prompt_ids[s:s + 1], prefix_lens=prefix_lens,
+                causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
+                prefix_offsets=None if prefix_offsets is None else prefix_offsets[s:s + 1])
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     q, k, v, prefix_k, prefix_v = (t.double() for t in (q, k, v, prefix_k, prefix_v))
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]

@@ -68,6 +68,10 @@ inline PreparedInputs prepare_inputs(const OpArgs& args, at::DeviceType device_t
   const double scale = args.real("scale");
   const std::optional<int64_t> window = args.optional_integer("window");
   const std::optional<double> softcap = args.optional_real("softcap");
+  // The C++ kernels have no variable-length rows yet (the Python backends refuse them first).
+  TORCH_CHECK_NOT_IMPLEMENTED(!args.optional_tensor("cu_seqlens").has_value(),
+                              "the C++ kernels have no variable-length rows (cu_seqlens) yet; "
+                              "prefix_attention(backend='torch') has");
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                        dtype == at::kHalf,

@@ -73,6 +73,13 @@ def needs_no_dropout(backend: Backend, inputs) -> List[str]:
     return []
 
 
+def needs_no_varlen(backend: Backend, inputs) -> List[str]:
+    """The reason list of a fused backend without variable-length rows (cu_seqlens): the reference serves them."""
+    if getattr(inputs, "cu_seqlens", None) is not None:
+        return [f"the {backend.name} backend has no variable-length rows (cu_seqlens) yet; the torch backend has"]
+    return []
+
+
 _BACKENDS: Dict[str, Dict[str, Backend]] = {op: {} for op in OPS}
 
 

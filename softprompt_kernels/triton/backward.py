@@ -20,7 +20,8 @@ import torch
 from .common import (LOG2E, NO_FEATURES, NO_WINDOW, PLAIN, TUNING_KEY, autotune_configs, head_block, interpreting, launcher,
                      length_bucket, prune_by_head_block, remember_arch, tl, triton)
 from .forward import (dot_precision, load_rows, padding_view, prefix_index_base, prefix_slot_range, prompt_of_row,
-                      scores_log2, sequence_key_range, softcap_args, usable_keys, usable_prefix, window_visible)
+                      refuse_varlen, scores_log2, sequence_key_range, softcap_args, usable_keys, usable_prefix,
+                      window_visible)
 
 # Spill-free tuning spaces (see forward.FWD_SPACE); BWD_SPACE serves the kv and prefix kernels.
 BWD_SPACE = {
@@ -471,13 +472,14 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prompt
                          key_padding_mask, out, lse, causal: bool, scale: float, deterministic: bool = True,
                          seq_grads: bool = True, prefix_grads: bool = True, window: Optional[int] = None,
                          softcap: Optional[float] = None, prefix_offsets: Optional[torch.Tensor] = None,
-                         sinks: Optional[torch.Tensor] = None):
+                         sinks: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
     """Launches the backward kernels; returns (dq, dk, dv, dprefix_k, dprefix_v). ``sinks`` are not read: the
     forward's lse includes them (ops/prefix_attention/autograd.py computes their own gradient).
 
     ``seq_grads=False`` skips the dk/dv and dq kernels, ``prefix_grads=False`` the prefix kernel
     (autograd's needs_input_grad); gradients not computed come back empty, shape [0].
     """
+    refuse_varlen(cu_seqlens)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = prefix_k.shape[0]

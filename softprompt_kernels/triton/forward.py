@@ -293,6 +293,13 @@ def prefix_attention_fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
+def refuse_varlen(cu_seqlens: Optional[torch.Tensor]) -> None:
+    """The kernels have no variable-length rows yet (the backend refuses them first; this guards direct calls)."""
+    if cu_seqlens is not None:
+        raise NotImplementedError("the Triton kernels have no variable-length rows (cu_seqlens) yet; "
+                                  "prefix_attention(backend='torch') has")
+
+
 def softcap_args(scale: float, softcap: Optional[float]) -> Tuple[float, float]:
     """(scale / cap, cap * log2(e)) for the kernels (ones when there is no cap: never read then)."""
     return (scale / softcap, softcap * LOG2E) if softcap is not None else (1.0, 1.0)
@@ -336,8 +343,10 @@ def usable_keys(q, k, v, key_padding_mask):
 
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prompt_ids, prefix_lens, key_padding_mask,
                          causal: bool, scale: float, window: Optional[int] = None, softcap: Optional[float] = None,
-                         sinks: Optional[torch.Tensor] = None, prefix_offsets: Optional[torch.Tensor] = None):
+                         sinks: Optional[torch.Tensor] = None, prefix_offsets: Optional[torch.Tensor] = None,
+                         cu_seqlens: Optional[torch.Tensor] = None):
     """Launches the forward kernel. Returns out [B, Hq, Lq, D] (laid out [B, Lq, Hq, D]) and lse fp32."""
+    refuse_varlen(cu_seqlens)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)

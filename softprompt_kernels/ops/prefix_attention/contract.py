@@ -42,6 +42,11 @@ ARGS = (
         "sequence key prefix_offsets[b] (slot s at index s - n + prefix_offsets[b]): serving passes each row's "
         "count of leading padding, so that a request sees the same window whatever it is batched with.",
         default=None),
+    Arg("cu_seqlens", "Tensor?", "int [S + 1]: variable-length rows (FlashAttention's varlen layout) with B = 1 "
+        "and Lq = Lk = total: sequence s owns tokens cu_seqlens[s] .. cu_seqlens[s + 1] - 1 and attends to itself "
+        "only (causal inside it, its queries and keys indexed from 0 for the window) and to its own prompt's "
+        "prefix; prompt_ids and prefix_offsets are then per sequence [S]. Packed (padding-free) training: each "
+        "sequence gets exactly what it would get alone.", default=None),
     Arg("dropout_p", "float", "attention dropout probability (training); only the torch backend has dropout, so "
         "auto runs it there (with a PerformanceWarning naming why).", default=0.0, kernel=False),
 )

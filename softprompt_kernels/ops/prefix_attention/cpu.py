@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import Backend, needs_device, needs_no_dropout, register_backend
+from ..backends import Backend, needs_device, needs_no_dropout, needs_no_varlen, register_backend
 from .. import extension
 from ..extension import define, extension_loaded
 from .autograd import register_prefix_attention_autograd
@@ -43,7 +43,7 @@ class CpuBackend(Backend):
 
     def not_supported_reasons(self, inputs):
         return (super().not_supported_reasons(inputs) + needs_device(self, inputs, "cpu")
-                + needs_no_dropout(self, inputs))
+                + needs_no_dropout(self, inputs) + needs_no_varlen(self, inputs))
 
     def run(self, inputs, return_lse):
         return run_extension_op(inputs, return_lse)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..backends import Backend, needs_device, needs_no_dropout, register_backend
+from ..backends import Backend, needs_device, needs_no_dropout, needs_no_varlen, register_backend
 from .. import extension
 from .contract import ARGS
 from .cpu import run_extension_op
@@ -44,8 +44,8 @@ class CudaBackend(Backend):
         return None
 
     def not_supported_reasons(self, inputs):
-        reasons = super().not_supported_reasons(inputs) + needs_device(self, inputs, "cuda") + \
-            needs_no_dropout(self, inputs)
+        reasons = (super().not_supported_reasons(inputs) + needs_device(self, inputs, "cuda")
+                   + needs_no_dropout(self, inputs) + needs_no_varlen(self, inputs))
         if not reasons and torch.cuda.get_device_capability(inputs.device)[0] < 8:
             reasons.append("the cuda backend needs compute capability 8.0 or newer")
         if inputs.dtype not in DTYPES:

@@ -11,6 +11,7 @@ these), as Hugging Face's eager attention does.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -98,6 +99,8 @@ def prefix_attention_torch(
     ``inputs.dropout_p`` drops attention probabilities (training with attention dropout, as the Hugging Face
     layers do); the fused backends have no dropout, so this path serves it.
     """
+    if inputs.cu_seqlens is not None:
+        return _sequence_by_sequence(inputs, return_lse)
     dropout_p = inputs.dropout_p
     keys, values = concatenated_kv(inputs)
     group = inputs.heads_q // inputs.heads_kv
@@ -114,6 +117,26 @@ def prefix_attention_torch(
     out = F.scaled_dot_product_attention(inputs.q, keys, values, attn_mask=mask | ~sees_any,
                                          dropout_p=dropout_p, scale=inputs.scale)
     return out.masked_fill(~sees_any, 0.0), None
+
+
+def _sequence_by_sequence(inputs: PrefixAttentionInputs, return_lse: bool):
+    """Variable-length rows (cu_seqlens): each packed sequence is the row it would be alone, its own prompt and
+    prefix offset, one after another (the bounds read on the host: this is the reference path)."""
+    bounds = inputs.cu_seqlens.tolist()
+    outs, lses = [], []
+    for s in range(len(bounds) - 1):
+        tokens = slice(bounds[s], bounds[s + 1])
+        alone = dataclasses.replace(
+            inputs, q=inputs.q[:, :, tokens], k=inputs.k[:, :, tokens], v=inputs.v[:, :, tokens], cu_seqlens=None,
+            prompt_ids=None if inputs.prompt_ids is None else inputs.prompt_ids[s:s + 1],
+            prefix_offsets=None if inputs.prefix_offsets is None else inputs.prefix_offsets[s:s + 1])
+        out, lse = prefix_attention_torch(alone, return_lse)
+        outs.append(out)
+        lses.append(lse)
+    if not outs:  # no sequences (and no tokens)
+        empty_lse = inputs.q.new_empty(inputs.q.shape[:3], dtype=accumulation_dtype(inputs.dtype))
+        return torch.empty_like(inputs.q), (empty_lse if return_lse else None)
+    return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if return_lse else None)
 
 
 def _explicit_softmax_attention(q, keys, values, mask, scale, dropout_p=0.0, softcap=None, sinks=None):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ...triton.common import FP32_HEAD_BLOCKS, TRITON_IMPORT_ERROR, head_block, interpreting
-from ..backends import Backend, needs_no_dropout, register_backend
+from ..backends import Backend, needs_no_dropout, needs_no_varlen, register_backend
 from ..contract import Arg
 from .autograd import register_prefix_attention_autograd
 from .contract import BACKWARD_LEADING, BACKWARD_TRAILING, CONTRACT, backward_fake, forward_fake
@@ -104,7 +104,8 @@ class TritonBackend(Backend):
         return None
 
     def not_supported_reasons(self, inputs):
-        reasons = super().not_supported_reasons(inputs) + needs_no_dropout(self, inputs)
+        reasons = (super().not_supported_reasons(inputs) + needs_no_dropout(self, inputs)
+                   + needs_no_varlen(self, inputs))
         device = inputs.device.type
         if interpreting():
             if device != "cpu":

@@ -87,12 +87,14 @@ def validate(**arguments) -> PrefixAttentionInputs:
         _fail(f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
 
     prompt_ids, prefix_lens, key_padding_mask = args["prompt_ids"], args["prefix_lens"], args["key_padding_mask"]
+    # per-row arguments are per sequence with variable-length rows
+    rows, row_name = (B, "B") if args["cu_seqlens"] is None else (_check_varlen(args, q, k, key_padding_mask), "S")
     if prompt_ids is None:
         if P != 1:
             _fail(f"prompt_ids=None means every row uses the one prefix, so prefix_k must hold exactly "
                   f"one prompt (P=1); got P={P}: pass prompt_ids [B] with values in [-1, {P})")
     else:
-        prompt_ids = _check_index_tensor(prompt_ids, "prompt_ids", B, "B", q)
+        prompt_ids = _check_index_tensor(prompt_ids, "prompt_ids", rows, row_name, q)
     if prefix_lens is not None:
         prefix_lens = _check_index_tensor(prefix_lens, "prefix_lens", P, "P", q)
     if key_padding_mask is not None:
@@ -115,10 +117,28 @@ def validate(**arguments) -> PrefixAttentionInputs:
             _fail(f"sinks must have shape [Hq={Hq}] (one logit per q head), got {tuple(sinks.shape)}")
         _check_same_device(sinks, "sinks", q)
     if prefix_offsets is not None:
-        prefix_offsets = _check_index_tensor(prefix_offsets, "prefix_offsets", B, "B", q)
+        prefix_offsets = _check_index_tensor(prefix_offsets, "prefix_offsets", rows, row_name, q)
     normalised = dict(scale=_check_scale(args["scale"], D), window=_check_window(window),
                       softcap=_check_softcap(args["softcap"]), dropout_p=_check_dropout(args["dropout_p"]))
     return PrefixAttentionInputs(**{**args, **normalised})
+
+
+def _check_varlen(args, q: torch.Tensor, k: torch.Tensor, key_padding_mask) -> int:
+    """Shape checks of variable-length rows (cu_seqlens); returns the number of sequences S."""
+    cu_seqlens = _check_tensor(args["cu_seqlens"], "cu_seqlens", 1, "[S + 1]")
+    if cu_seqlens.dtype not in INDEX_DTYPES:
+        raise InvalidDtypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.shape[0] < 1:
+        _fail("cu_seqlens must have shape [S + 1] with S >= 0 (it starts with 0), got shape (0,)")
+    _check_same_device(cu_seqlens, "cu_seqlens", q)
+    B, _, Lq, _ = q.shape
+    if B != 1 or k.shape[2] != Lq:
+        _fail(f"with cu_seqlens, q and k must hold one packed row of all the sequences' tokens: B=1 and Lq=Lk=total, "
+              f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if key_padding_mask is not None:
+        _fail("key_padding_mask must be None with cu_seqlens (packed rows have no padding: the sequences' bounds "
+              "say which keys each query sees)")
+    return cu_seqlens.shape[0] - 1
 
 
 def _check_window(window) -> Optional[int]:
@@ -169,7 +189,7 @@ def _check_scale(scale, head_dim: int) -> float:
 
 
 def check_index_values(inputs: PrefixAttentionInputs) -> None:
-    """Range checks of prompt_ids and prefix_lens, without a device sync.
+    """Range checks of prompt_ids, prefix_lens, prefix_offsets and cu_seqlens, without a device sync.
 
     Host tensors are checked here directly. On an accelerator the check is queued
     as a device-side assertion (reported when the stream next synchronises).
@@ -180,13 +200,31 @@ def check_index_values(inputs: PrefixAttentionInputs) -> None:
         checks.append((inputs.prompt_ids, -1, P - 1, f"prompt_ids must lie in [-1, P={P})"))
     if inputs.prefix_lens is not None and P > 0:
         checks.append((inputs.prefix_lens, 0, K, f"prefix_lens must lie in [0, K={K}]"))
-    if inputs.prefix_offsets is not None and inputs.batch > 0:
+    if inputs.prefix_offsets is not None and inputs.batch > 0 and inputs.cu_seqlens is None:
         Lk = inputs.len_k
         checks.append((inputs.prefix_offsets, 0, Lk, f"prefix_offsets must lie in [0, Lk={Lk}]"))
+    if inputs.cu_seqlens is not None:
+        checks.extend(_varlen_value_checks(inputs))
     for values, low, high, message in checks:
+        if values.numel() == 0:
+            continue
         if values.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(values.min()), int(values.max())
             if lo < low or hi > high:
                 _fail(f"{message}, got values in [{lo}, {hi}]")
         else:
             torch._assert_async(((values >= low) & (values <= high)).all(), message)
+
+
+def _varlen_value_checks(inputs: PrefixAttentionInputs):
+    """(values, low, high, message) range checks of variable-length rows: cu_seqlens runs from 0 to the total token
+    count without decreasing; a sequence's prefix offset lies within it."""
+    cu_seqlens, total = inputs.cu_seqlens, inputs.len_q
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    checks = [(cu_seqlens[:1], 0, 0, "cu_seqlens must start with 0"),
+              (cu_seqlens[-1:], total, total, f"cu_seqlens must end with the total token count Lq={total}"),
+              (lengths, 0, total, "cu_seqlens must not decrease")]
+    if inputs.prefix_offsets is not None:
+        message = "prefix_offsets[s] must lie in [0, length of sequence s]"
+        checks += [(inputs.prefix_offsets, 0, total, message), (lengths - inputs.prefix_offsets, 0, total, message)]
+    return checks
